@@ -1,0 +1,1 @@
+"""nipype workflow of cg3d and the plain stage functions its nodes call."""

@@ -1,0 +1,139 @@
+"""Command-line behaviour that needs no pipeline run: exit codes, help, path and device checks."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cg3d_bids import __version__
+from cg3d_bids.cli.parser import build_parser, parse_args
+from cg3d_bids.cli.run import main
+
+
+def _bids(tmp_path: Path) -> Path:
+    root = tmp_path / "bids"
+    (root / "sub-01" / "anat").mkdir(parents=True)
+    (root / "dataset_description.json").write_text(json.dumps({"Name": "x", "BIDSVersion": "1.10.0"}))
+    return root
+
+
+def test_help_states_defaults_and_sources(capsys):
+    with pytest.raises(SystemExit) as exc:
+        parse_args(["--help"])
+    assert exc.value.code == 0
+    text = capsys.readouterr().out
+    for needle in ("default: 224", "default: 0.3", "default: 128", "[paper", "[MuSc code", "--device",
+                   "Performance", "Selecting the data"):
+        assert needle in text, needle
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exc:
+        parse_args(["--version"])
+    assert exc.value.code == 0
+    assert __version__ in capsys.readouterr().out
+
+
+def test_unknown_level_exits_17(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        parse_args([str(_bids(tmp_path)), str(tmp_path / "out"), "session"])
+    assert exc.value.code == 17
+    assert "unknown analysis level" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv_tail", [["--nope"], ["--fraction", "2"], ["--cube-size", "100"],
+                                       ["--device", "tpu"], ["--participant-label", "s_1"]])
+def test_usage_errors_exit_64(tmp_path, argv_tail):
+    with pytest.raises(SystemExit) as exc:
+        parse_args([str(_bids(tmp_path)), str(tmp_path / "out"), "group", *argv_tail])
+    assert exc.value.code == 64
+
+
+def test_missing_bids_dir_exits_64(tmp_path):
+    with pytest.raises(SystemExit) as exc:
+        parse_args([str(tmp_path / "nope"), str(tmp_path / "out"), "group"])
+    assert exc.value.code == 64
+
+
+def test_labels_are_normalised(tmp_path):
+    labels = tmp_path / "labels.txt"
+    labels.write_text("sub-03\n02\n")
+    args = parse_args([str(_bids(tmp_path)), str(tmp_path / "out"), "participant",
+                       "--participant-label", "sub-01", str(labels), "--session-label", "ses-a"])
+    assert args.participant_label == ["01", "02", "03"]
+    assert args.session_label == ["a"]
+
+
+def test_removeprefix_not_lstrip(tmp_path):
+    args = parse_args([str(_bids(tmp_path)), str(tmp_path / "out"), "group", "--participant-label", "s060"])
+    assert args.participant_label == ["s060"]
+
+
+def test_derivatives_name_path(tmp_path):
+    args = parse_args([str(_bids(tmp_path)), str(tmp_path / "out"), "group",
+                       "-d", f"masks={tmp_path}", str(tmp_path / "smriprep")])
+    assert set(args.derivatives) == {"masks", "smriprep"}
+
+
+def test_output_equal_to_input_is_refused(tmp_path, capsys):
+    bids = _bids(tmp_path)
+    assert main([str(bids), str(bids), "group", "--device", "cpu"]) == 64
+    assert "same as the input BIDS folder" in capsys.readouterr().err
+
+
+def test_output_inside_input_is_refused_but_derivatives_allowed(tmp_path, capsys):
+    bids = _bids(tmp_path)
+    assert main([str(bids), str(bids / "sub-01" / "out"), "group", "--device", "cpu",
+                 "-w", str(tmp_path / "w")]) == 64
+    assert "inside the input BIDS dataset" in capsys.readouterr().err
+    assert not (bids / "sub-01" / "out").exists()
+
+
+def test_work_dir_inside_input_is_refused(tmp_path, capsys):
+    bids = _bids(tmp_path)
+    assert main([str(bids), str(tmp_path / "out"), "group", "--device", "cpu", "-w", str(bids / "work")]) == 64
+    assert "working directory" in capsys.readouterr().err
+
+
+def test_unwritable_output_exits_73(tmp_path, capsys):
+    bids = _bids(tmp_path)
+    blocker = tmp_path / "afile"
+    blocker.write_text("x")
+    assert main([str(bids), str(blocker / "out"), "group", "--device", "cpu", "-w", str(tmp_path / "w")]) == 73
+    err = capsys.readouterr().err
+    assert "afile" in err and "fix:" in err
+    # /proc refuses new files even for root: a real write test, not a permission-bit guess
+    assert main([str(bids), "/proc/cg3d-out", "group", "--device", "cpu", "-w", str(tmp_path / "w")]) == 73
+
+
+def test_cuda_without_gpu_exits_69(tmp_path, capsys):
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible here; this test checks the message without one")
+    assert main([str(_bids(tmp_path)), str(tmp_path / "out"), "group", "-w", str(tmp_path / "w")]) == 69
+    err = capsys.readouterr().err
+    assert "--gpus all" in err and "--nv" in err and "--device cpu" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_bids_exec_spec_prints_descriptor(tmp_path, capsys):
+    assert main([str(_bids(tmp_path)), str(tmp_path / "out"), "group", "--bids-exec-spec"]) == 0
+    descriptor = json.loads(capsys.readouterr().out)
+    assert descriptor["tool-version"] == __version__
+
+
+def test_module_entry_point_runs():
+    result = subprocess.run([sys.executable, "-m", "cg3d_bids", "--version"], capture_output=True, text=True)
+    assert result.returncode == 0
+    assert __version__ in result.stdout
+
+
+def test_parser_has_every_documented_alias():
+    options = {opt for action in build_parser()._actions for opt in action.option_strings}
+    for alias in ("--participant_label", "--session-id", "--skip_bids_validator", "--n_cpus", "--mem_mb",
+                  "--bids-filter-file", "--use-plugin", "--config-file", "-w", "--nprocs", "--mem"):
+        assert alias in options, alias
