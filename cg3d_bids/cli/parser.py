@@ -287,8 +287,9 @@ def build_parser() -> Cg3dArgumentParser:
     g = parser.add_argument_group("Work directory, configuration and logging")
     g.add_argument(
         "-w", "--work-dir", dest="work_dir", type=lambda s: Path(s).expanduser().absolute(),
-        default=Path("work").absolute(),
-        help="intermediate results (preprocessed cubes, tokens); a rerun resumes from it",
+        default="work",
+        help="intermediate results (preprocessing statistics, tokens, scores); a rerun resumes from "
+        "it; relative to the current folder [fMRIPrep]",
     )
     g.add_argument(
         "--clean-workdir", dest="clean_workdir", action="store_true",

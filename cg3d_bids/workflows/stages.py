@@ -31,8 +31,7 @@ from ..config import SCORE_SETTINGS, TOKEN_SETTINGS, RunConfig
 
 LOGGER = logging.getLogger("cg3d")
 
-#: Percentiles of Nyul's landmarks [method.md §1.4].
-NYUL_PERCENTILES = (1, 10, 20, 30, 40, 50, 60, 70, 80, 90, 99)
+from ..preprocessing.nyul import PERCENTILES as NYUL_PERCENTILES  # 1, 10, ..., 90, 99 [method.md §1.4]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -73,12 +72,9 @@ def _stage_dir(cfg: RunConfig, stage: str, modality: str) -> Path:
 # 1. prepare
 def load_inputs(record: dict[str, Any], cfg: RunConfig):
     """Native image, canonical (RAS) image and brain mask on the canonical grid."""
-    import nibabel as nib
+    from ..preprocessing import load_image_pair, load_mask_for_image, nonzero_mask
 
-    from ..preprocessing import load_image, load_mask_for_image, nonzero_mask
-
-    native = nib.load(record["image_path"])
-    canonical = load_image(record["image_path"])
+    native, canonical = load_image_pair(record["image_path"])
     if cfg.mask_source == "derivatives":
         mask = load_mask_for_image(record["mask_path"], canonical)
     elif cfg.mask_source == "nonzero":
@@ -107,6 +103,7 @@ def _skullstrip_cached(record: dict[str, Any], canonical, cfg: RunConfig) -> np.
 def prepare_image(record: dict[str, Any], cfg: RunConfig) -> str:
     """Brain-intensity percentiles of the image's cube (cached JSON); returns its path."""
     from ..preprocessing import make_cube
+    from ..preprocessing.nyul import image_landmarks
 
     key = input_key(record, cfg)
     out = _stage_dir(cfg, "prep", record["modality"]) / f"{record['bids_name']}_{key}.json"
@@ -125,7 +122,7 @@ def prepare_image(record: dict[str, Any], cfg: RunConfig) -> str:
     write_json(out, {
         "bids_name": record["bids_name"],
         "key": key,
-        "percentiles": np.percentile(brain, NYUL_PERCENTILES).tolist(),
+        "percentiles": image_landmarks(brain, NYUL_PERCENTILES).tolist(),
         "outside_fraction": float(cube.outside_fraction),
         "brain_voxels_cube": int(cube.mask.sum()),
     })
@@ -142,7 +139,9 @@ def compute_landmarks(prep_paths: list[str], modality: str, cfg: RunConfig) -> s
     key = _short_hash([p["key"] for p in preps], NYUL_PERCENTILES)
     out = _stage_dir(cfg, "landmarks", modality) / f"landmarks_{key}.json"
     if not out.exists():
-        landmarks = landmarks_from_percentiles(np.array([p["percentiles"] for p in preps]))
+        landmarks = landmarks_from_percentiles(
+            np.array([p["percentiles"] for p in preps]), names=[p["bids_name"] for p in preps]
+        )
         write_json(out, {
             "key": key, "percentiles": list(NYUL_PERCENTILES), "landmarks": landmarks.tolist(),
             "n_images": len(preps), "images": [p["bids_name"] for p in preps],
@@ -180,7 +179,8 @@ def tokenize_images(records: list[dict[str, Any]], landmarks_path: str, cfg: Run
             _native, canonical, mask = load_inputs(rec, cfg)
             cube = make_cube(canonical, mask, size=cfg.cube_size, fov_mm=cfg.fov_mm)
             volume = standardise(
-                cube.data, cube.mask, np.asarray(landmarks["landmarks"]), landmarks["percentiles"]
+                cube.data, cube.mask, np.asarray(landmarks["landmarks"]), landmarks["percentiles"],
+                source=rec["image_path"],
             )
             tok = tokenize_volume(
                 volume, cube.mask, encoder, projection_dim=cfg.projection_dim,

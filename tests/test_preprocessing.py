@@ -1,0 +1,387 @@
+"""Preprocessing: loading/validation, masks across grids, cube geometry, Nyul, skull-stripping.
+
+Synthetic volumes check geometry exactly; real 4 mm images come from the bundled demo dataset.
+"""
+
+from __future__ import annotations
+
+import gzip
+import logging
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from cg3d_bids.demo_data import demo_dataset_path
+from cg3d_bids.errors import InputDataError, NoInputError
+from cg3d_bids.preprocessing import (
+    PERCENTILES,
+    cube_to_native,
+    landmarks_from_percentiles,
+    learn_landmarks,
+    load_image,
+    load_image_pair,
+    load_mask_for_image,
+    load_native,
+    make_cube,
+    map_mask_to_image,
+    nonzero_mask,
+    standardise,
+)
+
+DEMO = demo_dataset_path()
+MASKS = DEMO / "derivatives" / "masks"
+
+
+def demo_image(label: str = "ms26", modality: str = "T1w") -> Path:
+    return DEMO / f"sub-{label}" / "anat" / f"sub-{label}_{modality}.nii.gz"
+
+
+def demo_mask(label: str = "ms26") -> Path:
+    return MASKS / f"sub-{label}" / "anat" / f"sub-{label}_desc-brain_mask.nii.gz"
+
+
+def save(tmp_path: Path, name: str, data: np.ndarray, affine: np.ndarray | None = None) -> Path:
+    path = tmp_path / name
+    nib.save(nib.Nifti1Image(data, np.eye(4) if affine is None else affine), str(path))
+    return path
+
+
+def blob(shape: tuple[int, int, int], center: tuple[float, float, float], sigma: float) -> np.ndarray:
+    grid = np.indices(shape, dtype=np.float32)
+    d2 = sum((g - c) ** 2 for g, c in zip(grid, center))
+    return np.exp(-d2 / (2 * sigma**2)).astype(np.float32)
+
+
+def centroid(values: np.ndarray) -> np.ndarray:
+    w = np.clip(values, 0, None)
+    return np.array([(g * w).sum() / w.sum() for g in np.indices(values.shape)])
+
+
+def world_to_voxel(affine: np.ndarray, xyz: np.ndarray) -> np.ndarray:
+    return np.linalg.inv(affine)[:3, :3] @ xyz + np.linalg.inv(affine)[:3, 3]
+
+
+# ------------------------------------------------------------------------------------------------
+# io: errors name the file
+def _assert_input_error(path: Path, match: str) -> InputDataError:
+    with pytest.raises(InputDataError, match=match) as exc:
+        load_image(path)
+    assert str(path) in str(exc.value) and "fix:" in str(exc.value)
+    assert exc.value.exit_code == 65
+    return exc.value
+
+
+def test_corrupt_file(tmp_path):
+    path = tmp_path / "sub-01_T1w.nii.gz"
+    path.write_bytes(b"this is not a nifti file at all" * 20)
+    _assert_input_error(path, "cannot read")
+
+
+def test_truncated_gzip(tmp_path):
+    data = demo_image().read_bytes()
+    path = tmp_path / "sub-01_T1w.nii.gz"
+    path.write_bytes(data[: len(data) // 2])
+    _assert_input_error(path, "truncated or corrupt")
+
+
+def test_truncated_uncompressed(tmp_path):
+    path = save(tmp_path, "sub-01_T1w.nii", np.ones((20, 20, 20), np.float32))
+    path.write_bytes(path.read_bytes()[:5000])
+    _assert_input_error(path, "truncated|cannot read")
+
+
+def test_4d_refused_trailing_singleton_squeezed(tmp_path):
+    _assert_input_error(save(tmp_path, "bold.nii.gz", np.ones((6, 6, 6, 3), np.float32)), "3D")
+    image = load_image(save(tmp_path, "one.nii.gz", np.ones((6, 7, 8, 1), np.float32)))
+    assert image.shape == (6, 7, 8)
+    _assert_input_error(save(tmp_path, "flat.nii.gz", np.ones((6, 7), np.float32)), "3D")
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_non_finite_refused(tmp_path, bad):
+    data = np.ones((8, 8, 8), np.float32)
+    data[2, 3, 4] = bad
+    _assert_input_error(save(tmp_path, "bad.nii.gz", data), "NaN")
+
+
+def test_all_zero_refused(tmp_path):
+    _assert_input_error(save(tmp_path, "zero.nii.gz", np.zeros((8, 8, 8), np.int16)), "all zeros")
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(NoInputError, match="not found"):
+        load_image(tmp_path / "nope.nii.gz")
+
+
+def test_canonical_reorientation_lps_equals_ras(tmp_path):
+    rng = np.random.default_rng(0)
+    data = rng.random((5, 6, 7)).astype(np.float32) + 1
+    ras_affine = np.diag([2.0, 3.0, 4.0, 1.0])
+    ras_affine[:3, 3] = [-10, -20, -30]
+    # LPS copy: flip x and y in storage, affine adjusted so every voxel keeps its world position
+    flip = np.diag([-1.0, -1.0, 1.0, 1.0])
+    flip[:3, 3] = [4, 5, 0]  # (n - 1) of the flipped axes
+    lps_affine = ras_affine @ flip
+    lps = save(tmp_path, "lps.nii.gz", data[::-1, ::-1, :].copy(), lps_affine)
+    ras = save(tmp_path, "ras.nii.gz", data, ras_affine)
+    assert nib.aff2axcodes(nib.load(lps).affine) == ("L", "P", "S")
+    a, b = load_image(lps), load_image(ras)
+    assert np.allclose(a.affine, b.affine) and np.array_equal(a.get_fdata(), b.get_fdata())
+    assert a.get_data_dtype() == np.float32 and np.asarray(a.dataobj).dtype == np.float32
+    native, canonical = load_image_pair(lps)
+    assert nib.aff2axcodes(native.affine) == ("L", "P", "S") and np.allclose(native.affine, lps_affine)
+    assert np.allclose(canonical.affine, ras_affine)
+
+
+def test_real_image_loads_canonical():
+    image = load_image(demo_image("ms26"))  # stored LAS
+    assert nib.aff2axcodes(image.affine) == ("R", "A", "S")
+    assert nib.aff2axcodes(load_native(demo_image("ms26")).affine) == ("L", "A", "S")
+
+
+# ------------------------------------------------------------------------------------------------
+# masks
+def _box_image(tmp_path: Path) -> tuple[nib.Nifti1Image, np.ndarray]:
+    """A 40^3 2 mm RAS image with a bright box (the 'brain') of 20^3 voxels on a zero background."""
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    affine[:3, 3] = [-40, -40, -40]
+    data = np.zeros((40, 40, 40), np.float32)
+    data[10:30, 10:30, 10:30] = 100
+    path = save(tmp_path, "img.nii.gz", data, affine)
+    return load_image(path), data > 0
+
+
+def test_mask_same_grid_used_directly():
+    image = load_image(demo_image("ms26"))
+    mapped = map_mask_to_image(demo_mask("ms26"), image)
+    assert not mapped.resampled and mapped.mask.dtype == bool and mapped.mask.shape == image.shape
+    expected = np.asarray(load_image(demo_mask("ms26")).dataobj) > 0
+    assert np.array_equal(mapped.mask, expected)
+
+
+def test_mask_resampled_across_grids(tmp_path):
+    image, truth = _box_image(tmp_path)
+    # the same box on a 1 mm grid, stored LPS, with another field of view
+    fine = np.zeros((90, 90, 90), np.uint8)
+    affine = np.diag([-1.0, -1.0, 1.0, 1.0])
+    affine[:3, 3] = [44.5, 44.5, -45]
+    ijk = np.indices(fine.shape).reshape(3, -1).T
+    world = ijk @ affine[:3, :3].T + affine[:3, 3]
+    inside = np.all((world >= -21) & (world <= 19), axis=1)  # world extent of the 2 mm box voxels
+    fine.reshape(-1)[inside] = 1
+    mask_path = save(tmp_path, "mask.nii.gz", fine, affine)
+    mapped = map_mask_to_image(mask_path, image)
+    assert mapped.resampled and mapped.inside_fov_fraction == 1.0
+    dice = 2 * (mapped.mask & truth).sum() / (mapped.mask.sum() + truth.sum())
+    assert dice > 0.95
+    assert np.array_equal(load_mask_for_image(mask_path, image), mapped.mask)
+
+
+def test_mask_other_orientation_same_grid_not_resampled(tmp_path):
+    image, truth = _box_image(tmp_path)
+    flip = np.diag([-1.0, 1.0, 1.0, 1.0])
+    flip[0, 3] = 39
+    path = save(tmp_path, "mask_las.nii.gz", truth[::-1].astype(np.uint8).copy(), image.affine @ flip)
+    mapped = map_mask_to_image(path, image)
+    assert not mapped.resampled and np.array_equal(mapped.mask, truth)
+
+
+def _assert_mask_error(mask_path: Path, image, match: str) -> None:
+    with pytest.raises(InputDataError, match=match) as exc:
+        load_mask_for_image(mask_path, image)
+    message = str(exc.value)
+    assert str(mask_path) in message and "img.nii.gz" in message  # both files named
+    assert "--mask-source nonzero" in message
+
+
+def test_unmappable_masks(tmp_path):
+    image, truth = _box_image(tmp_path)
+    far = image.affine.copy()
+    far[:3, 3] += 500  # same grid shape, 500 mm away
+    _assert_mask_error(save(tmp_path, "far.nii.gz", truth.astype(np.uint8), far), image, "does not overlap")
+    empty = save(tmp_path, "empty.nii.gz", np.zeros((40,) * 3, np.uint8), image.affine)
+    _assert_mask_error(empty, image, "empty")
+    assert not map_mask_to_image(empty, image, brain=False).mask.any()  # e.g. a lesion-free subject
+    shifted = np.zeros((40,) * 3, np.uint8)
+    shifted[5:15, 5:15, 5:15] = 1  # 1/8 on the box, 7/8 on the zero background
+    _assert_mask_error(save(tmp_path, "shifted.nii.gz", shifted, image.affine), image, "not aligned")
+    speck = np.zeros((40,) * 3, np.uint8)
+    speck[20, 20, 20] = 1
+    _assert_mask_error(save(tmp_path, "speck.nii.gz", speck, image.affine), image, "covers only")
+
+
+def test_nonzero_mask_cleanup():
+    data = np.zeros((30, 30, 30), np.float32)
+    data[5:25, 5:25, 5:25] = 1.0
+    data[12:16, 12:16, 12:16] = 0.0   # enclosed hole -> filled
+    data[0, 0, 0] = 5.0               # speck -> removed
+    mask = nonzero_mask(nib.Nifti1Image(data, np.eye(4)))
+    assert mask.sum() == 20**3 and not mask[0, 0, 0] and mask[13, 13, 13]
+    with pytest.raises(InputDataError, match="all zeros"):
+        nonzero_mask(np.zeros((4, 4, 4)))
+
+
+# ------------------------------------------------------------------------------------------------
+# cube
+def _blob_image(tmp_path: Path, center_vox=(14.0, 22.0, 12.0)) -> tuple[Path, np.ndarray]:
+    """LAS 3 mm image: a brain box plus a Gaussian blob at a known voxel; returns path and affine."""
+    shape = (40, 44, 36)
+    affine = np.diag([-3.0, 3.0, 3.0, 1.0])
+    affine[:3, 3] = [60, -66, -50]
+    data = 10 * blob(shape, center_vox, 2.0)
+    data[4:36, 4:40, 4:32] += 1.0
+    return save(tmp_path, "blob.nii.gz", data, affine), affine
+
+
+def test_cube_geometry_blob_lands_at_expected_voxel(tmp_path):
+    path, affine = _blob_image(tmp_path)
+    image = load_image(path)
+    mask = np.asarray(image.dataobj) > 0.5
+    cube = make_cube(image, mask, size=64, fov_mm=156.0)
+    assert cube.data.shape == (64, 64, 64) and cube.data.dtype == np.float32 and cube.mask.dtype == bool
+    assert cube.spacing == pytest.approx(156.0 / 64)
+    assert np.allclose(cube.affine[:3, :3], np.eye(3) * 156.0 / 64)  # RAS-aligned, isotropic
+    # centre = centre of the brain box's world bounding box
+    corners = np.array([[4, 4, 4], [35, 39, 31]]) @ affine[:3, :3].T + affine[:3, 3]
+    assert np.allclose(cube.center, corners.mean(axis=0))
+    assert np.allclose(cube.affine[:3, :3] @ np.full(3, 31.5) + cube.affine[:3, 3], cube.center)
+    blob_world = affine[:3, :3] @ np.array([14.0, 22.0, 12.0]) + affine[:3, 3]
+    expected = world_to_voxel(cube.affine, blob_world)
+    peak = np.array(np.unravel_index(np.argmax(cube.data), cube.data.shape))
+    assert np.all(np.abs(peak - expected) <= 1.0)
+    # RAS index order: the blob is at world x = 60 - 42 = +18 (right) -> upper half of axis 0
+    assert blob_world[0] > cube.center[0] and peak[0] > 32
+    assert cube.outside_fraction == 0.0
+    assert np.all(cube.data[~cube.mask] == 0)
+
+
+def test_cube_outside_fraction_warns(tmp_path, caplog):
+    path, _ = _blob_image(tmp_path)
+    image = load_image(path)
+    mask = np.asarray(image.dataobj) > 0.5  # brain box 96 x 108 x 84 mm
+    with caplog.at_level(logging.WARNING, logger="cg3d"):
+        cube = make_cube(image, mask, size=32, fov_mm=90.0)
+    # brain box 32 x 36 x 28 voxels of 3 mm; a 90 mm cube keeps 30 x 30 x 28 of them
+    assert cube.outside_fraction == pytest.approx(1 - (30 * 30) / (32 * 36))
+    assert any("outside" in r.message and "%" in r.message for r in caplog.records)
+
+
+def test_cube_to_native_round_trip_blob(tmp_path):
+    path, affine = _blob_image(tmp_path)
+    native, canonical = load_image_pair(path)
+    mask = np.asarray(canonical.dataobj) > 0.5
+    cube = make_cube(canonical, mask, size=96, fov_mm=156.0)
+    back = cube_to_native(cube.data, cube.affine, native)
+    assert back.shape == native.shape and back.dtype == np.float32
+    original = np.asarray(native.dataobj)
+    assert np.corrcoef(back.ravel(), original.ravel())[0, 1] > 0.9
+    peak_region = np.where(original > 3, original, 0)
+    assert np.linalg.norm(centroid(np.where(original > 3, back, 0)) - centroid(peak_region)) < 1.0
+    native_mask = np.zeros(native.shape, bool)
+    native_mask[:20] = True
+    masked = cube_to_native(cube.data, cube.affine, native, native_mask)
+    assert np.all(masked[20:] == 0) and np.array_equal(masked[:20], back[:20])
+
+
+def test_cube_real_image_round_trip():
+    native, canonical = load_image_pair(demo_image("glioma7294"))  # stored LPS
+    cube = make_cube(canonical, load_mask_for_image(demo_mask("glioma7294"), canonical), size=64)
+    assert cube.outside_fraction < 0.01
+    back = cube_to_native(cube.data, cube.affine, native)
+    assert np.corrcoef(back.ravel(), np.asarray(native.dataobj).ravel())[0, 1] > 0.9
+
+
+def test_cube_empty_mask():
+    image = nib.Nifti1Image(np.ones((8, 8, 8), np.float32), np.eye(4))
+    with pytest.raises(InputDataError, match="empty"):
+        make_cube(image, np.zeros((8, 8, 8), bool), size=16)
+
+
+# ------------------------------------------------------------------------------------------------
+# Nyul
+def _brains(seed: int = 0) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [rng.gamma(2.0 + i, 50.0 * (i + 1), size=5000) + 10 * i for i in range(4)]
+
+
+def test_nyul_landmarks_and_mapping():
+    brains = _brains()
+    mu = learn_landmarks(brains)
+    assert mu.shape == (len(PERCENTILES),) and mu[0] == 0 and mu[-1] == 1 and np.all(np.diff(mu) > 0)
+    per_image = np.stack([np.percentile(b, PERCENTILES) for b in brains])
+    assert np.allclose(landmarks_from_percentiles(per_image), mu)
+    data = np.zeros((10, 10, 60), np.float32)
+    mask = np.zeros_like(data, bool)
+    mask[:, :, 5:55] = True
+    data[mask] = brains[2]
+    out = standardise(data, mask, mu, PERCENTILES)
+    assert out.dtype == np.float32 and out.min() >= 0 and out.max() <= 1
+    assert np.all(out[~mask] == 0)
+    # monotone: intensity order preserved
+    order = np.argsort(data[mask], kind="stable")
+    assert np.all(np.diff(out[mask][order]) >= -1e-7)
+    # the image's own landmarks land on the standard landmarks
+    own = np.percentile(data[mask], PERCENTILES)
+    assert np.allclose(np.interp(own, own, mu), mu)
+    assert np.allclose(np.percentile(out[mask], PERCENTILES), mu, atol=1e-3)
+    assert np.array_equal(out, standardise(data.copy(), mask.copy(), mu, list(PERCENTILES)))
+
+
+def test_nyul_ties_and_constant():
+    mask = np.ones((10, 10, 10), bool)
+    quantised = np.repeat(np.arange(4, dtype=np.float32), 250).reshape(10, 10, 10)  # heavy ties
+    mu = learn_landmarks([quantised[mask], np.arange(1000.0)])
+    out = standardise(quantised, mask, mu)
+    levels = np.unique(out)
+    assert np.all(np.isfinite(out)) and len(levels) == 4 and 0 <= levels[0] and levels[-1] <= 1
+    own = np.percentile(quantised, PERCENTILES)
+    assert levels[-1] == pytest.approx(mu[own == 3].mean())  # a tied value -> mean of its landmarks
+    with pytest.raises(InputDataError, match="constant"):
+        standardise(np.full((5, 5, 5), 7.0, np.float32), np.ones((5, 5, 5), bool), mu, source="x.nii.gz")
+    with pytest.raises(InputDataError, match="constant"):
+        learn_landmarks([np.ones(100), np.arange(100.0)])
+    with pytest.raises(ValueError):
+        standardise(quantised, mask, mu[:-1])
+
+
+# ------------------------------------------------------------------------------------------------
+# skull-stripping
+def test_skullstrip_missing_deepbet(monkeypatch):
+    import sys
+
+    from cg3d_bids.preprocessing import skullstrip as skullstrip_fn
+    from cg3d_bids.preprocessing.skullstrip import SkullstripUnavailableError, _extractor
+
+    _extractor.cache_clear()
+    monkeypatch.setitem(sys.modules, "deepbet", None)
+    with pytest.raises(SkullstripUnavailableError, match=r"cg3d-bids\[skullstrip\]") as exc:
+        skullstrip_fn(nib.Nifti1Image(np.ones((8, 8, 8), np.float32), np.eye(4)))
+    assert exc.value.exit_code == 69
+    _extractor.cache_clear()
+
+
+def test_skullstrip_deepbet_on_4mm_image():
+    try:
+        import deepbet  # noqa: F401
+    except ImportError as exc:
+        pytest.skip(f"deepbet not importable ({exc}); pip install 'cg3d-bids[skullstrip]'")
+    from cg3d_bids.preprocessing import skullstrip
+
+    image = load_image(demo_image("healthyixi012"))
+    mask = skullstrip(image)
+    reference = load_mask_for_image(demo_mask("healthyixi012"), image)
+    assert mask.dtype == bool and mask.shape == image.shape
+    dice = 2 * (mask & reference).sum() / (mask.sum() + reference.sum())
+    assert dice > 0.8, dice
+
+
+def test_truncated_mask_named(tmp_path):
+    image, _ = _box_image(tmp_path)
+    data = gzip.compress(np.zeros(10, np.uint8).tobytes())
+    bad = tmp_path / "mask.nii.gz"
+    bad.write_bytes(data)
+    with pytest.raises(InputDataError) as exc:
+        load_mask_for_image(bad, image)
+    assert str(bad) in str(exc.value)
