@@ -1,0 +1,164 @@
+"""Token scores -> voxel maps, and per-subject summary numbers (CoDeGraph3D Sec. 3.2, method.md §5).
+
+Plain functions on arrays. The coarse ``(G, G, G)`` map is resized trilinearly to the ``(H, H, H)``
+cube (``torch.nn.functional.interpolate``, ``align_corners=False``: voxel centres of each
+``p^3`` block sit symmetrically around the token centre); voxels outside the brain mask are 0.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy import ndimage
+
+__all__ = ["average_layers", "connected_components", "subject_summary", "token_map_to_cube"]
+
+#: Components listed in a summary (largest first); ``n_components`` counts all of them.
+MAX_COMPONENTS = 50
+
+
+def average_layers(scores_per_layer: np.ndarray) -> np.ndarray:
+    """Mean over layers (axis 0): ``(L, N) -> (N,)`` (also ``(L, B, N) -> (B, N)``), float32."""
+    scores = np.asarray(scores_per_layer, dtype=np.float64)
+    if scores.ndim < 2 or scores.shape[0] < 1:
+        raise ValueError(f"expected scores of shape (L, ...), got {scores.shape}")
+    return scores.mean(axis=0).astype(np.float32)
+
+
+def token_map_to_cube(
+    scores: np.ndarray, grid: int, size: int, mask: np.ndarray | None = None
+) -> np.ndarray:
+    """``(N,)`` token scores (C order over ``(gx, gy, gz)``) -> ``(H, H, H)`` float32 voxel map.
+
+    Trilinear upsampling of the ``(G, G, G)`` grid to ``size``; voxels outside ``mask`` are 0.
+    """
+    scores = np.asarray(scores, dtype=np.float32)
+    grid, size = int(grid), int(size)
+    if scores.shape != (grid**3,):
+        raise ValueError(f"expected {grid ** 3} token scores for grid {grid}, got shape {scores.shape}")
+    coarse = torch.from_numpy(np.ascontiguousarray(scores.reshape(grid, grid, grid)))[None, None]
+    cube = F.interpolate(coarse, size=(size, size, size), mode="trilinear", align_corners=False)
+    cube = cube[0, 0].numpy()
+    if mask is not None:
+        mask = np.asarray(mask, dtype=bool)
+        if mask.shape != cube.shape:
+            raise ValueError(f"mask shape {mask.shape} differs from the cube's {cube.shape}")
+        cube[~mask] = 0.0
+    return np.ascontiguousarray(cube, dtype=np.float32)
+
+
+def _world(affine: np.ndarray | None, ijk: np.ndarray) -> list[float] | None:
+    if affine is None:
+        return None
+    affine = np.asarray(affine, dtype=np.float64)
+    return [float(v) for v in affine[:3, :3] @ np.asarray(ijk, dtype=np.float64) + affine[:3, 3]]
+
+
+def connected_components(
+    binary: np.ndarray,
+    values: np.ndarray,
+    voxel_volume_mm3: float,
+    affine: np.ndarray | None = None,
+    max_components: int | None = MAX_COMPONENTS,
+) -> tuple[int, list[dict[str, Any]]]:
+    """26-connected components of ``binary``: (count, records largest first).
+
+    Each record: ``label``, ``n_voxels``, ``volume_mm3``, ``centroid_voxel`` and ``centroid_mm``
+    (``None`` without ``affine``), ``peak`` (max of ``values`` inside), ``peak_voxel``,
+    ``peak_mm``.
+    """
+    binary = np.asarray(binary, dtype=bool)
+    labels, count = ndimage.label(binary, structure=np.ones((3, 3, 3), dtype=bool))
+    if count == 0:
+        return 0, []
+    index = np.arange(1, count + 1)
+    sizes = np.bincount(labels.ravel(), minlength=count + 1)[1:]
+    order = np.argsort(-sizes, kind="stable")
+    if max_components is not None:
+        order = order[:max_components]
+    chosen = index[order]
+    centroids = ndimage.center_of_mass(binary, labels, chosen)
+    peaks = ndimage.maximum(values, labels, chosen)
+    peak_pos = ndimage.maximum_position(values, labels, chosen)
+    records = []
+    for rank, label in enumerate(chosen):
+        centroid = [float(v) for v in centroids[rank]]
+        peak_voxel = [int(v) for v in peak_pos[rank]]
+        n_vox = int(sizes[label - 1])
+        records.append({
+            "label": int(label),
+            "n_voxels": n_vox,
+            "volume_mm3": float(n_vox * voxel_volume_mm3),
+            "centroid_voxel": centroid,
+            "centroid_mm": _world(affine, centroid),
+            "peak": float(peaks[rank]),
+            "peak_voxel": peak_voxel,
+            "peak_mm": _world(affine, peak_voxel),
+        })
+    return int(count), records
+
+
+def subject_summary(
+    native_map: np.ndarray,
+    brain_mask: np.ndarray,
+    voxel_volume_mm3: float,
+    threshold: float | None = None,
+    *,
+    anomaly_mask: np.ndarray | None = None,
+    affine: np.ndarray | None = None,
+    top_fraction: float = 0.01,
+    max_components: int | None = MAX_COMPONENTS,
+) -> dict[str, Any]:
+    """Summary numbers of one anomaly map (JSON-ready).
+
+    Over brain voxels: ``score_max`` (the subject score), ``score_top1pct`` (mean of the top
+    ``top_fraction`` of brain voxels, at least one), ``brain_volume_mm3``. The anomalous region is
+    ``anomaly_mask`` when given, else ``native_map > threshold`` (no region without either),
+    always within the brain: ``anomaly_volume_mm3``, ``n_components`` and ``components``
+    (26-connectivity, largest first, at most ``max_components``; see
+    :func:`connected_components`; world mm through ``affine``, voxel -> mm).
+    """
+    values = np.asarray(native_map, dtype=np.float32)
+    brain = np.asarray(brain_mask, dtype=bool)
+    if brain.shape != values.shape:
+        raise ValueError(f"brain mask shape {brain.shape} differs from the map's {values.shape}")
+    if not 0.0 < top_fraction <= 1.0:
+        raise ValueError(f"top_fraction must be in (0, 1], got {top_fraction}")
+    inside = values[brain]
+    n_brain = int(inside.size)
+    if n_brain:
+        k = max(1, math.ceil(top_fraction * n_brain))
+        top = np.partition(inside, n_brain - k)[n_brain - k:]
+        score_max, score_top = float(inside.max()), float(top.astype(np.float64).mean())
+    else:
+        score_max = score_top = 0.0
+    if anomaly_mask is not None:
+        region = np.asarray(anomaly_mask, dtype=bool)
+        if region.shape != values.shape:
+            raise ValueError(f"anomaly mask shape {region.shape} differs from the map's {values.shape}")
+        region = region & brain
+    elif threshold is not None:
+        region = (values > threshold) & brain
+    else:
+        region = None
+    if region is not None:
+        n_components, components = connected_components(region, values, voxel_volume_mm3, affine, max_components)
+        anomaly_voxels = int(region.sum())
+    else:
+        n_components, components, anomaly_voxels = 0, [], 0
+    return {
+        "score_max": score_max,
+        "score_top1pct": score_top,
+        "top_fraction": float(top_fraction),
+        "brain_voxels": n_brain,
+        "brain_volume_mm3": float(n_brain * voxel_volume_mm3),
+        "threshold": None if threshold is None else float(threshold),
+        "anomaly_voxels": anomaly_voxels,
+        "anomaly_volume_mm3": float(anomaly_voxels * voxel_volume_mm3),
+        "n_components": n_components,
+        "components": components,
+    }

@@ -1,0 +1,26 @@
+"""Frozen 2D ViT encoders (timm) and their weights; see :mod:`cg3d_bids.models.encoders`."""
+
+from .encoders import (
+    DEFAULT_ENCODER,
+    ENCODERS,
+    PRECISIONS,
+    TEST_ENCODER,
+    TEST_ENCODER_NOPREFIX,
+    TEST_ENCODERS,
+    EncoderSpec,
+    SliceEncoder,
+    create_encoder,
+    encoder_info,
+    get_spec,
+    list_encoders,
+    resolve_precision,
+    resolve_weights,
+)
+from .weights import RANDOM_INIT_SOURCE, WeightsInfo, file_sha256, hf_cache_dir
+
+__all__ = [
+    "DEFAULT_ENCODER", "ENCODERS", "PRECISIONS", "RANDOM_INIT_SOURCE", "TEST_ENCODER",
+    "TEST_ENCODERS", "TEST_ENCODER_NOPREFIX", "EncoderSpec", "SliceEncoder", "WeightsInfo",
+    "create_encoder", "encoder_info", "file_sha256", "get_spec", "hf_cache_dir", "list_encoders",
+    "resolve_precision", "resolve_weights",
+]

@@ -1,0 +1,293 @@
+"""Per-subject HTML report: ``<out_dir>/sub-<label>.html`` + ``<out_dir>/sub-<label>/figures/*.svg``.
+
+One section per image (sessions as sections, runs/acquisitions as separate image sections), each
+with the anomaly mosaic, the batch-relative score, the connected components of the anomaly mask and a
+brain-mask check figure; failed images get a section with their error. Settings, provenance and a
+methods paragraph close the report. Templates are jinja2 with autoescaping; figures are drawn by
+:mod:`cg3d_bids.reports.figures` (nilearn/matplotlib, Agg backend).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import logging
+import math
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import jinja2
+
+from ..atomic import write_text
+from .data import ImageResult, Provenance, check_label, finite
+
+LOGGER = logging.getLogger("cg3d.reports")
+
+TEMPLATE_DIR = Path(__file__).resolve().parent / "templates"
+
+#: Upper bound of a subject report with its figures (bytes); figures are re-drawn at a lower
+#: resolution when a first rendering exceeds it.
+MAX_REPORT_BYTES = 5_000_000
+#: Components listed per image (largest first); the rest are counted.
+MAX_COMPONENTS_SHOWN = 25
+
+REFERENCES = [
+    "Le-Gia T, Ahn J. Training-free zero-shot anomaly detection in 3D brain MRI with 2D foundation "
+    "models (CoDeGraph3D). Medical Imaging with Deep Learning (MIDL) 2026, under review.",
+    "Li X, Huang Z, Xue F, Zhou Y. MuSc: zero-shot industrial anomaly classification and segmentation "
+    "with mutual scoring of the unlabeled images. International Conference on Learning Representations "
+    "(ICLR) 2024.",
+    "Le Gia T, Ahn J. On the problem of consistent anomalies in zero-shot industrial anomaly detection "
+    "(CoDeGraph). Transactions on Machine Learning Research (TMLR) 2025.",
+    "Oquab M, Darcet T, Moutakanni T, et al. DINOv2: learning robust visual features without "
+    "supervision. arXiv:2304.07193, 2023.",
+    "Gorgolewski K, Burns CD, Madison C, et al. Nipype: a flexible, lightweight and extensible "
+    "neuroimaging data processing framework in Python. Frontiers in Neuroinformatics 5:13, 2011.",
+    "Yarkoni T, Markiewicz CJ, de la Vega A, et al. PyBIDS: Python tools for BIDS datasets. "
+    "Journal of Open Source Software 4(40):1294, 2019.",
+    "Nyúl LG, Udupa JK, Zhang X. New variants of a method of MRI scale standardization. "
+    "IEEE Transactions on Medical Imaging 19(2):143-150, 2000.",
+]
+
+
+# --------------------------------------------------------------------------------------------------
+# jinja2 environment and filters (shared with group.py)
+def _num(value: Any, digits: int = 3) -> str:
+    if not finite(value):
+        return "n/a"
+    return f"{float(value):.{digits}f}"
+
+
+def _pct(value: Any) -> str:
+    return "n/a" if not finite(value) else f"{float(value):.1f} %"
+
+
+def _vol(value: Any) -> str:
+    if not finite(value):
+        return "n/a"
+    value = float(value)
+    return f"{value:,.0f}" if abs(value) >= 10 else f"{value:.1f}"
+
+
+def _seconds(value: Any) -> str:
+    if not finite(value):
+        return "n/a"
+    value = float(value)
+    if value >= 120:
+        return f"{value / 60:.1f} min"
+    return f"{value:.1f} s"
+
+
+_ENV: jinja2.Environment | None = None
+
+
+def environment() -> jinja2.Environment:
+    """The reports' jinja2 environment (autoescaping on, undefined variables are errors)."""
+    global _ENV
+    if _ENV is None:
+        env = jinja2.Environment(
+            loader=jinja2.FileSystemLoader(str(TEMPLATE_DIR)),
+            autoescape=True,
+            undefined=jinja2.StrictUndefined,
+            trim_blocks=True,
+            lstrip_blocks=True,
+            keep_trailing_newline=True,
+        )
+        env.filters.update(num=_num, pct=_pct, vol=_vol, seconds=_seconds)
+        _ENV = env
+    return _ENV
+
+
+def render(template: str, **context: Any) -> str:
+    context.setdefault("generated", _dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"))
+    context.setdefault("references", REFERENCES)
+    return environment().get_template(template).render(**context)
+
+
+def relative_href(target: Path, start: Path) -> str | None:
+    """URL-style relative path from folder ``start`` to ``target``; None on another drive/root."""
+    try:
+        rel = os.path.relpath(Path(target).resolve(), Path(start).resolve())
+    except ValueError:
+        return None
+    from urllib.parse import quote
+
+    return quote(Path(rel).as_posix())
+
+
+def subject_report_path(out_dir: str | os.PathLike, subject: str) -> Path:
+    return Path(out_dir) / f"sub-{check_label(subject)}.html"
+
+
+def figure_names(result: ImageResult, fmt: str = "svg") -> tuple[str, str]:
+    """File names of the anomaly mosaic and the brain-mask figure (BIDS-like, §3.2 of the conventions)."""
+    prefix = result.source_prefix
+    return (f"{prefix}_label-anomaly_desc-{result.modality}_probseg.{fmt}",
+            f"{prefix}_label-brain_desc-{result.modality}_mask.{fmt}")
+
+
+# --------------------------------------------------------------------------------------------------
+def _component_rows(components: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    rows = []
+    for comp in components or []:
+        centroid = comp.get("centroid_mm", comp.get("centroid", comp.get("center_mm")))
+        if centroid is None or len(centroid) != 3:
+            centroid = (math.nan, math.nan, math.nan)
+        volume = comp.get("volume_mm3", comp.get("volume", math.nan))
+        peak = comp.get("peak", comp.get("peak_value", comp.get("max", math.nan)))
+        rows.append({
+            "centroid": [float(c) if finite(c) else math.nan for c in centroid],
+            "volume": float(volume) if finite(volume) else math.nan,
+            "peak": float(peak) if finite(peak) else math.nan,
+        })
+    rows.sort(key=lambda r: -(r["volume"] if finite(r["volume"]) else -1.0))
+    return rows
+
+
+def _file_row(name: str, path: Path | None, report_dir: Path) -> tuple[str, str | None, str] | None:
+    if path is None:
+        return None
+    path = Path(path)
+    if not path.exists():
+        return None
+    href = relative_href(path, report_dir)
+    inside = href is not None and not href.startswith("..")
+    return (name, href if inside else None, href if inside else str(path))
+
+
+def _draw_figures(item: dict[str, Any], fig_dir: Path, report_dir: Path, *, fmt: str, dpi: int,
+                  floor: float, threshold: float) -> None:
+    from . import figures
+
+    result: ImageResult = item["result"]
+    anomaly_name, mask_name = figure_names(result, fmt)
+    item.update(anomaly_figure=None, mask_figure=None, anomaly_error=None, mask_error=None,
+                peak=None, peak_value=None, figure_paths=[])
+    try:
+        for label, path in (("input image", result.image_path), ("anomaly map", result.probseg_path)):
+            if not Path(path).exists():
+                raise FileNotFoundError(f"{label} not found: {path}")
+        amask = result.anomaly_mask_path if Path(result.anomaly_mask_path).exists() else None
+        bmask = result.brain_mask_path if Path(result.brain_mask_path).exists() else None
+        info = figures.plot_anomaly_mosaic(result.image_path, result.probseg_path, fig_dir / anomaly_name,
+                                           anomaly_mask=amask, brain_mask=bmask, floor=floor,
+                                           threshold=threshold, dpi=dpi)
+        item["anomaly_figure"] = relative_href(fig_dir / anomaly_name, report_dir)
+        item["figure_paths"].append(fig_dir / anomaly_name)
+        item["peak"], item["peak_value"] = info.peak_mm, info.peak_value
+    except Exception as exc:  # a broken figure must not lose the whole report
+        LOGGER.warning("anomaly figure of %s failed: %s", result.bids_name, exc)
+        item["anomaly_error"] = f"{type(exc).__name__}: {exc}"
+    try:
+        if not Path(result.brain_mask_path).exists():
+            raise FileNotFoundError(f"brain mask not found: {result.brain_mask_path}")
+        figures.plot_brain_mask(result.image_path, result.brain_mask_path, fig_dir / mask_name, dpi=dpi)
+        item["mask_figure"] = relative_href(fig_dir / mask_name, report_dir)
+        item["figure_paths"].append(fig_dir / mask_name)
+    except Exception as exc:
+        LOGGER.warning("brain-mask figure of %s failed: %s", result.bids_name, exc)
+        item["mask_error"] = f"{type(exc).__name__}: {exc}"
+
+
+def _group_links(out_dir: Path, modalities: Sequence[str]) -> list[tuple[str, str]]:
+    links = []
+    for mod in modalities:
+        path = out_dir / f"group_{mod}.html"
+        if path.exists():
+            links.append((mod, f"group_{mod}.html"))
+    return links
+
+
+def write_subject_report(
+    out_dir: str | os.PathLike,
+    subject: str,
+    results: Sequence[ImageResult],
+    provenance: Provenance | dict[str, Any] | None = None,
+    *,
+    threshold: float | None = None,
+    display_floor: float | None = None,
+    figure_format: str = "svg",
+    dpi: int | None = None,
+    max_bytes: int = MAX_REPORT_BYTES,
+) -> Path:
+    """Write ``<out_dir>/sub-<subject>.html`` and its figures under ``<out_dir>/sub-<subject>/figures/``.
+
+    ``results`` are this subject's images (any modality and session; failed ones included).
+    ``threshold`` is the probseg threshold of the binary anomaly mask (default: the provenance's, else
+    0.5); ``display_floor`` the overlay value under which the map is transparent (default
+    ``min(0.2, threshold / 2)``). ``figure_format`` is ``svg`` (rasterised image layers) or ``png``.
+    When the report and its figures exceed ``max_bytes``, the figures are drawn again at a lower
+    resolution. Returns the path of the HTML file.
+    """
+    from . import figures
+
+    subject = check_label(subject, "subject")
+    out_dir = Path(out_dir)
+    prov = provenance if isinstance(provenance, Provenance) else Provenance.from_dict(provenance or {})
+    others = sorted({r.subject for r in results if r.subject.removeprefix("sub-") != subject})
+    if others:
+        raise ValueError(f"results of other subjects passed to the report of sub-{subject}: {others}")
+    if figure_format not in ("svg", "png"):
+        raise ValueError("figure_format must be 'svg' or 'png'")
+    thr = float(threshold if threshold is not None else (prov.threshold if prov.threshold is not None else 0.5))
+    floor = float(display_floor if display_floor is not None else min(0.2, thr / 2))
+    report = out_dir / f"sub-{subject}.html"
+    fig_dir = out_dir / f"sub-{subject}" / "figures"
+    dpi = int(dpi or figures.FIG_DPI)
+
+    items: list[dict[str, Any]] = []
+    for result in sorted(results, key=ImageResult.sort_key):
+        comps = _component_rows(result.components) if result.ok else []
+        item: dict[str, Any] = {
+            "result": result, "anchor": result.anchor, "label": result.label,
+            "components": comps, "components_shown": comps[:MAX_COMPONENTS_SHOWN],
+            "rank_text": f"{result.rank} / {result.n_images}" if result.rank else "n/a",
+            "source_text": None, "mask_text": None, "files": [],
+            "anomaly_figure": None, "mask_figure": None, "anomaly_error": None, "mask_error": None,
+            "peak": None, "peak_value": None, "figure_paths": [],
+        }
+        if result.ok:
+            image_href = _file_row("input image", result.image_path, out_dir)
+            item["source_text"] = image_href[2] if image_href else str(result.image_path)
+            mask_row = _file_row("brain mask", result.brain_mask_path, out_dir)
+            item["mask_text"] = mask_row[2] if mask_row else None
+            item["files"] = [row for row in (
+                _file_row("anomaly map (probseg)", result.probseg_path, out_dir),
+                _file_row("anomaly mask", result.anomaly_mask_path, out_dir),
+                mask_row,
+            ) if row is not None]
+            _draw_figures(item, fig_dir, out_dir, fmt=figure_format, dpi=dpi, floor=floor, threshold=thr)
+        items.append(item)
+
+    def _html() -> str:
+        sessions: list[dict[str, Any]] = []
+        for item in items:
+            ses = item["result"].session
+            if not sessions or sessions[-1]["session"] != ses:
+                sessions.append({"session": ses, "images": []})
+            sessions[-1]["images"].append(item)
+        return render(
+            "subject.html", subject=subject, prov=prov, prov_rows=prov.rows(), images=items,
+            sessions=sessions, n_sessions=len({i["result"].session for i in items if i["result"].session}),
+            failed=[i for i in items if not i["result"].ok], threshold=thr, floor=floor,
+            group_links=_group_links(out_dir, sorted({i["result"].modality for i in items})),
+        )
+
+    html = _html()
+    total = len(html.encode()) + _figure_bytes(items)
+    if total > max_bytes and any(i["figure_paths"] for i in items):
+        budget = max_bytes * 0.9 - len(html.encode())
+        scale = math.sqrt(max(budget, 1.0) / max(_figure_bytes(items), 1))
+        new_dpi = max(40, int(dpi * min(scale, 0.95)))
+        LOGGER.info("sub-%s report is %.1f MB: drawing figures again at %d dpi", subject, total / 1e6, new_dpi)
+        for item in items:
+            if item["result"].ok:
+                _draw_figures(item, fig_dir, out_dir, fmt=figure_format, dpi=new_dpi, floor=floor, threshold=thr)
+        html = _html()
+    write_text(report, html)
+    return report
+
+
+def _figure_bytes(items: Sequence[dict[str, Any]]) -> int:
+    return sum(Path(p).stat().st_size for i in items for p in i["figure_paths"] if Path(p).exists())

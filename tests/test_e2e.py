@@ -1,0 +1,217 @@
+"""End to end: ``cg3d bids out group`` on tiny BIDS datasets, with the random test encoder.
+
+One group run per dataset layout is shared by the tests that inspect its outputs (module-scoped
+fixtures); each run takes seconds (56^3 cubes, tiny ViT, CPU, nipype Linear plugin).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from bids_fixtures import make_bids_dataset
+from cg3d_bids.cli.run import main
+
+SUBJECTS = ["01", "02", "03", "04", "05", "06"]
+FAST = ["--device", "cpu", "--encoder", "test-tiny-vit", "--cube-size", "56", "--nprocs", "1",
+        "--skip-bids-validation", "--projection-dim", "16"]
+
+
+def run_cg3d(bids: Path, out: Path, work: Path, *extra: str, level: str = "group") -> int:
+    return main([str(bids), str(out), level, "-w", str(work), *FAST, *extra])
+
+
+def tree_snapshot(root: Path) -> dict[str, tuple[str, float]]:
+    """Content hash and mtime of every file (to prove inputs are never written)."""
+    snap = {}
+    for path in sorted(root.rglob("*")):
+        if path.is_file():
+            snap[str(path.relative_to(root))] = (hashlib.sha256(path.read_bytes()).hexdigest(), path.stat().st_mtime)
+    return snap
+
+
+def read_tsv(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh, delimiter="\t"))
+
+
+@pytest.fixture(scope="module")
+def plain_run(tmp_path_factory):
+    """Six subjects, T1w + T2w, masks from a derivatives dataset, no sessions."""
+    root = tmp_path_factory.mktemp("plain")
+    paths = make_bids_dataset(root / "bids", subjects=SUBJECTS, modalities=("T1w", "T2w"),
+                              with_masks=True, lesion_subjects=["02"], seed=1)
+    before = tree_snapshot(root / "bids")
+    status = run_cg3d(root / "bids", root / "out", root / "work", "-d", f"masks={paths['masks_dir']}")
+    return {"root": root, "status": status, "before": before, "paths": paths}
+
+
+def test_group_run_succeeds_and_never_writes_inputs(plain_run):
+    assert plain_run["status"] == 0
+    assert tree_snapshot(plain_run["root"] / "bids") == plain_run["before"]
+
+
+def test_outputs_on_native_grid_with_source_header(plain_run):
+    out, bids = plain_run["root"] / "out", plain_run["root"] / "bids"
+    for sub in SUBJECTS:
+        for mod in ("T1w", "T2w"):
+            source = nib.load(bids / f"sub-{sub}" / "anat" / f"sub-{sub}_{mod}.nii.gz")
+            for name, dtype in (("label-anomaly_desc-{m}_probseg", np.float32),
+                                ("label-anomaly_desc-{m}_mask", np.uint8),
+                                ("label-brain_desc-{m}_mask", np.uint8)):
+                path = out / f"sub-{sub}" / "anat" / f"sub-{sub}_{name.format(m=mod)}.nii.gz"
+                img = nib.load(path)
+                assert img.shape == source.shape, path
+                np.testing.assert_allclose(img.affine, source.affine, atol=1e-5)
+                assert img.get_data_dtype() == dtype
+                assert path.with_name(path.name.replace(".nii.gz", ".json")).exists()
+            probseg = np.asarray(nib.load(out / f"sub-{sub}" / "anat" /
+                                          f"sub-{sub}_label-anomaly_desc-{mod}_probseg.nii.gz").dataobj)
+            assert probseg.min() >= 0 and probseg.max() <= 1
+
+
+def test_brain_mask_output_is_the_mask_used(plain_run):
+    """The written brain mask equals the derivatives mask voxel for voxel (orientation round trip)."""
+    out, masks = plain_run["root"] / "out", plain_run["paths"]["masks_dir"]
+    for sub in SUBJECTS:
+        expected = np.asarray(nib.load(masks / f"sub-{sub}" / "anat" / f"sub-{sub}_desc-brain_mask.nii.gz").dataobj) > 0
+        written = np.asarray(nib.load(out / f"sub-{sub}" / "anat" /
+                                      f"sub-{sub}_label-brain_desc-T1w_mask.nii.gz").dataobj) > 0
+        np.testing.assert_array_equal(written, expected)
+        probseg = np.asarray(nib.load(out / f"sub-{sub}" / "anat" /
+                                      f"sub-{sub}_label-anomaly_desc-T1w_probseg.nii.gz").dataobj)
+        assert np.all(probseg[~expected] == 0), "background must score 0"
+
+
+def test_group_table_has_one_row_per_image(plain_run):
+    out = plain_run["root"] / "out"
+    for mod in ("T1w", "T2w"):
+        rows = read_tsv(out / f"group_{mod}.tsv")
+        assert [r["participant_id"] for r in rows] == [f"sub-{s}" for s in SUBJECTS]
+        assert all(r["status"] == "ok" for r in rows)
+        scores = [float(r["score_max"]) for r in rows]
+        assert len(set(scores)) == len(scores) and min(scores) > 0
+        assert sorted(int(r["rank"]) for r in rows) == list(range(1, len(SUBJECTS) + 1))
+        assert json.loads((out / f"group_{mod}.json").read_text())
+
+
+def test_dataset_files_and_logs(plain_run):
+    out = plain_run["root"] / "out"
+    desc = json.loads((out / "dataset_description.json").read_text())
+    assert desc["DatasetType"] == "derivative"
+    assert desc["GeneratedBy"][0]["Name"] == "cg3d"
+    assert "SourceDatasets" in desc
+    assert "group_*" in (out / ".bidsignore").read_text()
+    assert list((out / "logs").glob("config-*.toml"))
+    assert (out / "logs" / "CITATION.md").exists()
+    sidecar = json.loads((out / "sub-01" / "anat" / "sub-01_label-anomaly_desc-T1w_probseg.json").read_text())
+    assert "bids:raw:sub-01/anat/sub-01_T1w.nii.gz" in json.dumps(sidecar)
+
+
+def test_reports_written(plain_run):
+    out = plain_run["root"] / "out"
+    for sub in SUBJECTS:
+        assert (out / f"sub-{sub}.html").exists()
+    for mod in ("T1w", "T2w"):
+        html = (out / f"group_{mod}.html").read_text()
+        assert "sub-01" in html
+
+
+def test_outputs_pass_bids_validator(plain_run):
+    from cg3d_bids.bids.validation import validate_derivatives
+
+    n_errors, messages = validate_derivatives(plain_run["root"] / "out")
+    assert n_errors == 0, messages
+
+
+def test_rerun_resumes_without_recomputing(plain_run, tmp_path):
+    root = plain_run["root"]
+    tokens = sorted((root / "work" / "tokens").rglob("*.npz"))
+    mtimes = {p: p.stat().st_mtime_ns for p in tokens}
+    probseg = root / "out" / "sub-03" / "anat" / "sub-03_label-anomaly_desc-T2w_probseg.nii.gz"
+    before = np.asarray(nib.load(probseg).dataobj).copy()
+    status = run_cg3d(root / "bids", root / "out", root / "work", "-d", f"masks={plain_run['paths']['masks_dir']}")
+    assert status == 0
+    assert {p: p.stat().st_mtime_ns for p in tokens} == mtimes
+    np.testing.assert_array_equal(np.asarray(nib.load(probseg).dataobj), before)
+
+
+def test_changed_setting_recomputes(plain_run, tmp_path):
+    root = plain_run["root"]
+    n_before = len(list((root / "work" / "tokens").rglob("*.npz")))
+    status = run_cg3d(root / "bids", tmp_path / "out", root / "work", "-d",
+                      f"masks={plain_run['paths']['masks_dir']}", "--modality", "T1w", "--random-seed", "7")
+    assert status == 0
+    assert len(list((root / "work" / "tokens").rglob("*.npz"))) == n_before + len(SUBJECTS)
+
+
+# ---------------------------------------------------------------------------------------------
+def test_sessions_and_nonzero_masks(tmp_path):
+    make_bids_dataset(tmp_path / "bids", subjects=SUBJECTS[:5], sessions=["a", "b"], modalities=("T2w",),
+                      with_masks=False, seed=3)
+    status = run_cg3d(tmp_path / "bids", tmp_path / "out", tmp_path / "work", "--modality", "T2w",
+                      "--mask-source", "nonzero")
+    assert status == 0
+    rows = read_tsv(tmp_path / "out" / "group_T2w.tsv")
+    assert len(rows) == 10
+    assert {r["session_id"] for r in rows} == {"ses-a", "ses-b"}
+    assert (tmp_path / "out" / "sub-01" / "ses-b" / "anat" /
+            "sub-01_ses-b_label-anomaly_desc-T2w_probseg.nii.gz").exists()
+    html = (tmp_path / "out" / "sub-01.html").read_text()
+    assert "ses-a" in html and "ses-b" in html
+
+
+def test_participant_then_group_reuses_tokens(tmp_path):
+    paths = make_bids_dataset(tmp_path / "bids", subjects=SUBJECTS[:5], modalities=("T1w",), seed=4)
+    common = ["-d", f"masks={paths['masks_dir']}", "--modality", "T1w"]
+    for sub in SUBJECTS[:5]:
+        assert run_cg3d(tmp_path / "bids", tmp_path / "out", tmp_path / "work", *common,
+                        "--participant-label", sub, level="participant") == 0
+    tokens = sorted((tmp_path / "work" / "tokens").rglob("*.npz"))
+    assert len(tokens) == 5
+    assert not (tmp_path / "out" / "group_T1w.tsv").exists()
+    mtimes = [p.stat().st_mtime_ns for p in tokens]
+    assert run_cg3d(tmp_path / "bids", tmp_path / "out", tmp_path / "work", *common) == 0
+    assert [p.stat().st_mtime_ns for p in tokens] == mtimes
+    assert len(read_tsv(tmp_path / "out" / "group_T1w.tsv")) == 5
+
+
+def test_killed_run_resumes_to_identical_outputs(tmp_path):
+    """SIGKILL a group run once the first token file exists; the rerun equals an uninterrupted run."""
+    paths = make_bids_dataset(tmp_path / "bids", subjects=SUBJECTS, modalities=("T1w",), seed=5)
+    common = ["-d", f"masks={paths['masks_dir']}", "--modality", "T1w"]
+    assert run_cg3d(tmp_path / "bids", tmp_path / "ref", tmp_path / "work_ref", *common) == 0
+
+    cmd = [sys.executable, "-m", "cg3d_bids", str(tmp_path / "bids"), str(tmp_path / "out"), "group",
+           "-w", str(tmp_path / "work"), *FAST, *common]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    token_dir = tmp_path / "work" / "tokens"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if token_dir.exists() and any(token_dir.rglob("*.npz")):
+            os.killpg(proc.pid, signal.SIGKILL)
+            break
+        time.sleep(0.01)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    assert not (tmp_path / "out" / "group_T1w.tsv").exists()
+    assert not list(tmp_path.rglob("out/**/*.nii.gz")), "no output may exist before scoring"
+
+    assert run_cg3d(tmp_path / "bids", tmp_path / "out", tmp_path / "work", *common) == 0
+    for ref in sorted((tmp_path / "ref").rglob("*.nii.gz")):
+        new = tmp_path / "out" / ref.relative_to(tmp_path / "ref")
+        np.testing.assert_array_equal(np.asarray(nib.load(new).dataobj), np.asarray(nib.load(ref).dataobj))
+    ref_rows = read_tsv(tmp_path / "ref" / "group_T1w.tsv")
+    new_rows = read_tsv(tmp_path / "out" / "group_T1w.tsv")
+    assert [r["score_max"] for r in ref_rows] == [r["score_max"] for r in new_rows]

@@ -1,0 +1,108 @@
+"""maps: layer averaging, trilinear token -> voxel upsampling, subject summary numbers."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from cg3d_bids.maps import average_layers, connected_components, subject_summary, token_map_to_cube
+
+G, P = 4, 14
+H = G * P
+
+
+def test_average_layers():
+    scores = np.array([[1.0, 2.0, 3.0], [3.0, 2.0, 1.0], [2.0, 5.0, 2.0]], dtype=np.float32)
+    out = average_layers(scores)
+    assert out.dtype == np.float32 and np.allclose(out, [2.0, 3.0, 2.0])
+    assert average_layers(np.ones((4, 2, 5))).shape == (2, 5)
+    with pytest.raises(ValueError):
+        average_layers(np.ones(5))
+
+
+@pytest.mark.parametrize("cell", [(1, 2, 1), (0, 3, 2), (3, 0, 0)])
+def test_one_hot_token_lands_in_its_voxel_block(cell):
+    scores = np.zeros(G**3, np.float32)
+    scores[(cell[0] * G + cell[1]) * G + cell[2]] = 1.0
+    cube = token_map_to_cube(scores, G, H)
+    assert cube.shape == (H, H, H) and cube.dtype == np.float32
+    block = tuple(slice(c * P, (c + 1) * P) for c in cell)
+    peak = np.unravel_index(int(np.argmax(cube)), cube.shape)
+    assert all(c * P <= v < (c + 1) * P for c, v in zip(cell, peak))
+    # align_corners=False: voxel i sits at token coordinate (i + 0.5) / p - 0.5 (clamped at the
+    # edges); the map is the separable tent around the token centre, exactly
+    src = np.clip((np.arange(H) + 0.5) / P - 0.5, 0, G - 1)
+    w = [np.maximum(0.0, 1.0 - np.abs(src - c)) for c in cell]
+    np.testing.assert_allclose(cube, np.einsum("i,j,k->ijk", *w), atol=1e-5)
+    assert cube[block].min() > 0.15  # the whole block is warm ...
+    far = np.ones(cube.shape, bool)
+    far[tuple(slice(max(0, c * P - P // 2), (c + 1) * P + P // 2) for c in cell)] = False
+    assert np.all(cube[far] == 0)  # ... and nothing beyond half a cell around it
+
+
+def test_upsampling_is_linear_between_token_centres_and_zero_outside_the_mask():
+    gx = np.arange(G, dtype=np.float32)
+    ramp = np.broadcast_to(gx[:, None, None], (G, G, G)).ravel().copy()  # score = gx
+    cube = token_map_to_cube(ramp, G, H)
+    x = (np.arange(H) + 0.5) / P - 0.5  # token coordinate of each voxel centre
+    np.testing.assert_allclose(cube[:, 10, 20], np.clip(x, 0, G - 1), atol=1e-5)
+    mask = np.zeros((H, H, H), bool)
+    mask[5:30, 10:50, 0:20] = True
+    masked = token_map_to_cube(ramp + 1, G, H, mask)
+    assert np.all(masked[~mask] == 0) and np.all(masked[mask] >= 1)
+    const = token_map_to_cube(np.full(G**3, 2.5, np.float32), G, H)
+    assert np.all(const == 2.5)
+    with pytest.raises(ValueError):
+        token_map_to_cube(np.zeros(G**3 - 1), G, H)
+
+
+def _synthetic_map():
+    """20^3 map: brain = x < 18; blob A (27 voxels, value 5) and B (2 diagonal voxels, value 3)."""
+    values = np.full((20, 20, 20), 0.5, np.float32)
+    brain = np.zeros(values.shape, bool)
+    brain[:18] = True
+    values[2:5, 2:5, 2:5] = 5.0
+    values[3, 3, 3] = 6.0  # the peak of A
+    values[10, 10, 10] = values[11, 11, 11] = 3.0  # 26-connected only through a corner
+    values[19, 0, 0] = 9.0  # outside the brain: ignored everywhere
+    return values, brain
+
+
+def test_subject_summary_numbers_and_components():
+    values, brain = _synthetic_map()
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    affine[:3, 3] = [-10.0, 20.0, 5.0]
+    s = subject_summary(values, brain, 8.0, 1.0, affine=affine)
+    assert s["score_max"] == 6.0
+    n_brain = 18 * 20 * 20
+    assert s["brain_voxels"] == n_brain and s["brain_volume_mm3"] == n_brain * 8.0
+    top = np.sort(values[brain])[::-1][: int(np.ceil(0.01 * n_brain))]  # 72 voxels
+    assert s["score_top1pct"] == pytest.approx(float(top.mean()))
+    assert s["anomaly_voxels"] == 29 and s["anomaly_volume_mm3"] == 29 * 8.0
+    assert s["n_components"] == 2  # the diagonal pair is one component (26-connectivity)
+    a, b = s["components"]
+    assert a["n_voxels"] == 27 and a["volume_mm3"] == 216.0 and a["peak"] == 6.0
+    assert a["centroid_voxel"] == pytest.approx([3.0, 3.0, 3.0]) and a["peak_voxel"] == [3, 3, 3]
+    assert a["centroid_mm"] == pytest.approx([-4.0, 26.0, 11.0])
+    assert b["n_voxels"] == 2 and b["centroid_voxel"] == pytest.approx([10.5, 10.5, 10.5]) and b["peak"] == 3.0
+    json.dumps(s)  # JSON-ready
+    # an explicit anomaly mask wins over the threshold and is clipped to the brain
+    region = np.zeros(values.shape, bool)
+    region[10:12, 10:12, 10:12] = True
+    region[19] = True
+    s2 = subject_summary(values, brain, 1.0, 1.0, anomaly_mask=region)
+    assert s2["anomaly_voxels"] == 8 and s2["n_components"] == 1
+    assert s2["components"][0]["centroid_mm"] is None
+    s3 = subject_summary(values, brain, 1.0)
+    assert s3["n_components"] == 0 and s3["anomaly_volume_mm3"] == 0.0 and s3["score_max"] == 6.0
+
+
+def test_connected_components_limit_keeps_the_largest():
+    binary = np.zeros((12, 12, 12), bool)
+    binary[0, 0, 0] = True
+    binary[5:8, 5:8, 5:8] = True
+    binary[10, 10, 9:12] = True
+    count, comps = connected_components(binary, binary.astype(np.float32), 1.0, max_components=2)
+    assert count == 3 and [c["n_voxels"] for c in comps] == [27, 3]

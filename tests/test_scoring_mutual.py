@@ -1,0 +1,259 @@
+"""MuSc mutual scoring: exact semantics against a brute-force reference, memory settings,
+shards, input kinds, errors and determinism (method.md §3)."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from scipy.spatial.distance import cdist
+
+from cg3d_bids.errors import BatchTooSmallError, DeviceUnavailableError
+from cg3d_bids.scoring import (
+    SmallBatchWarning,
+    min_distance_table,
+    minimum_batch_size,
+    musc_k,
+    mutual_scores,
+    sorted_msv,
+)
+from cg3d_bids.scoring import mutual as mutual_module
+
+
+# ------------------------------------------------------------------------------------------------
+# helpers
+def reference_scores(tokens: np.ndarray, valid: np.ndarray, fraction: float) -> np.ndarray:
+    """Independent float64 brute force: explicit loops over images, exact cdist distances."""
+    n_images = len(tokens)
+    k = int(math.floor(fraction * (n_images - 1) + 1e-9))
+    out = np.zeros(valid.shape, dtype=np.float64)
+    for i in range(n_images):
+        mins = []
+        for j in range(n_images):
+            if j == i:
+                continue
+            d = cdist(tokens[i][valid[i]].astype(np.float64), tokens[j][valid[j]].astype(np.float64))
+            mins.append(d.min(axis=1))
+        msv = np.sort(np.stack(mins, axis=1), axis=1)
+        out[i][valid[i]] = msv[:, :k].mean(axis=1)
+    return out
+
+
+def random_batch(seed: int, n_images: int = 9, n_tokens: int = 120, dim: int = 24):
+    """Random tokens, random masks, two images with many invalid tokens."""
+    rng = np.random.default_rng(seed)
+    tokens = rng.normal(size=(n_images, n_tokens, dim)).astype(np.float32)
+    valid = rng.random((n_images, n_tokens)) < 0.8
+    valid[1] = rng.random(n_tokens) < 0.1
+    valid[2, : n_tokens - 5] = False
+    return tokens, valid
+
+
+def quiet(fn, *args, **kwargs):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SmallBatchWarning)
+        return fn(*args, **kwargs)
+
+
+# ------------------------------------------------------------------------------------------------
+# semantics
+@pytest.mark.parametrize("fraction", [0.3, 0.1, 0.5, 1.0])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_matches_bruteforce_reference(seed, fraction):
+    tokens, valid = random_batch(seed, n_images=11)
+    scores = quiet(mutual_scores, tokens, valid, fraction)
+    expected = reference_scores(tokens, valid, fraction)
+    assert scores.shape == valid.shape and scores.dtype == np.float32
+    np.testing.assert_allclose(scores, expected, rtol=1e-4, atol=1e-4)
+    assert np.all(scores[~valid] == 0)
+    assert np.all(scores[valid] > 0)
+
+
+def test_sorted_msv_matches_bruteforce():
+    tokens, valid = random_batch(3, n_images=7)
+    table = min_distance_table(tokens, valid)
+    for i in (0, 1, 2):
+        distances, images = sorted_msv(table, i)
+        others = [j for j in range(7) if j != i]
+        full = np.stack([cdist(tokens[i][valid[i]], tokens[j][valid[j]]).min(axis=1) for j in others], 1)
+        order = np.argsort(full, axis=1, kind="stable")
+        np.testing.assert_allclose(distances.numpy(), np.take_along_axis(full, order, 1), atol=1e-4)
+        assert np.array_equal(images.numpy(), np.array(others)[order])
+
+
+def test_invalid_tokens_are_never_references():
+    tokens, valid = random_batch(4)
+    base = quiet(mutual_scores, tokens, valid)
+    poisoned = tokens.copy()
+    # invalid tokens become exact copies of valid tokens of image 0: distance 0 if they counted
+    src = tokens[0][valid[0]]
+    for i in range(1, len(tokens)):
+        idx = np.flatnonzero(~valid[i])
+        poisoned[i, idx] = src[np.arange(len(idx)) % len(src)]
+    assert np.array_equal(quiet(mutual_scores, poisoned, valid), base)
+
+
+def test_near_duplicates_far_from_origin_are_accurate():
+    """Centring keeps |a|^2 + |b|^2 - 2ab accurate for tokens sharing a large common offset."""
+    rng = np.random.default_rng(5)
+    tokens = (50.0 + 1e-2 * rng.normal(size=(6, 80, 16))).astype(np.float32)
+    valid = np.ones((6, 80), dtype=bool)
+    scores = quiet(mutual_scores, tokens, valid)
+    np.testing.assert_allclose(scores, reference_scores(tokens, valid, 0.3), rtol=1e-3, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------
+# memory settings, shards, input kinds, determinism
+@pytest.mark.parametrize("setting", [dict(chunk_size=1), dict(chunk_size=7), dict(chunk_size=500),
+                                     dict(block_mb=1e-3), dict(block_mb=1000.0)])
+def test_chunk_and_memory_settings_do_not_change_scores(setting):
+    tokens, valid = random_batch(6)
+    base = quiet(mutual_scores, tokens, valid)
+    # blocks of 2+ rows give the same GEMM results bit for bit; 1-row blocks use a GEMV kernel
+    np.testing.assert_allclose(quiet(mutual_scores, tokens, valid, **setting), base, rtol=1e-6)
+
+
+def test_block_mb_bounds_block_rows():
+    assert mutual_module.chunk_rows(1000, None, 1.0) == 2**20 // 4000
+    assert mutual_module.chunk_rows(1000, 5, 1.0) == 5
+    with pytest.raises(ValueError):
+        mutual_module.chunk_rows(10, 0, None)
+
+
+@pytest.mark.parametrize("chunk_size", [None, 13])
+def test_query_rows_are_bit_identical_to_the_full_run(chunk_size):
+    tokens, valid = random_batch(7, n_images=10)
+    full = quiet(mutual_scores, tokens, valid, chunk_size=chunk_size)
+    query = [5, 0, 9, 1]
+    part = quiet(mutual_scores, tokens, valid, query=query, chunk_size=chunk_size)
+    assert part.shape == (4, tokens.shape[1])
+    assert np.array_equal(part, full[query])
+
+
+def test_query_computes_only_pairs_with_query_images(monkeypatch):
+    tokens, valid = random_batch(8, n_images=8)
+    calls = []
+    original = mutual_module.BlockWorker.pair_minima
+
+    def counting(self, row_side, b, row_out, col_out, **kwargs):
+        calls.append(b)
+        return original(self, row_side, b, row_out, col_out, **kwargs)
+
+    monkeypatch.setattr(mutual_module.BlockWorker, "pair_minima", counting)
+    quiet(mutual_scores, tokens, valid)
+    assert len(calls) == 8 * 7 // 2  # each unordered pair once, used both ways
+    calls.clear()
+    quiet(mutual_scores, tokens, valid, query=[3])
+    assert len(calls) == 7
+
+
+def test_query_validation():
+    tokens, valid = random_batch(8, n_images=6)
+    for bad in ([], [0, 0], [6], [-1]):
+        with pytest.raises(ValueError):
+            quiet(mutual_scores, tokens, valid, query=bad)
+
+
+def test_numpy_and_torch_inputs_give_the_same_scores():
+    tokens, valid = random_batch(9)
+    from_numpy = quiet(mutual_scores, tokens, valid)
+    from_torch = quiet(mutual_scores, torch.from_numpy(tokens), torch.from_numpy(valid))
+    assert isinstance(from_numpy, np.ndarray) and isinstance(from_torch, torch.Tensor)
+    assert from_torch.dtype == torch.float32 and from_torch.shape == valid.shape
+    assert np.array_equal(from_torch.numpy(), from_numpy)
+    half = quiet(mutual_scores, tokens.astype(np.float16), valid)
+    assert half.dtype == np.float32
+    np.testing.assert_allclose(half, from_numpy, rtol=2e-2)
+
+
+def test_bit_identical_across_calls():
+    tokens, valid = random_batch(10)
+    assert np.array_equal(quiet(mutual_scores, tokens, valid), quiet(mutual_scores, tokens, valid))
+
+
+# ------------------------------------------------------------------------------------------------
+# errors and warnings
+def test_batch_too_small_error_names_the_numbers():
+    tokens, valid = random_batch(11, n_images=4)
+    with pytest.raises(BatchTooSmallError) as info:
+        mutual_scores(tokens, valid, fraction=0.3)
+    message = str(info.value)
+    assert "B = 4" in message and "0.3" in message and "at least 5 images" in message
+    assert info.value.exit_code == 66
+
+
+def test_five_images_at_default_fraction_work_with_a_warning():
+    tokens, valid = random_batch(12, n_images=5)
+    with pytest.warns(SmallBatchWarning, match="5 images"):
+        scores = mutual_scores(tokens, valid, fraction=0.3)
+    np.testing.assert_allclose(scores, reference_scores(tokens, valid, 0.3), rtol=1e-4, atol=1e-4)
+
+
+def test_no_warning_from_fifteen_images():
+    tokens, valid = random_batch(13, n_images=15, n_tokens=20, dim=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", SmallBatchWarning)
+        mutual_scores(tokens, valid)
+
+
+def test_k_and_minimum_batch_size():
+    assert musc_k(11, 0.3) == 3 and musc_k(20, 0.3) == 5 and musc_k(5, 0.3) == 1
+    assert minimum_batch_size(0.3) == 5 and minimum_batch_size(0.1) == 11
+    assert minimum_batch_size(0.5) == 3 and minimum_batch_size(1.0) == 2
+    for fraction in (0.05, 0.1, 0.25, 0.3, 0.5, 0.7, 1.0):
+        b = minimum_batch_size(fraction)
+        assert musc_k(b, fraction) >= 1
+        with pytest.raises(BatchTooSmallError):
+            musc_k(b - 1, fraction)
+    with pytest.raises(ValueError):
+        musc_k(10, 0.0)
+
+
+def test_bad_inputs():
+    tokens, valid = random_batch(14, n_images=6)
+    with pytest.raises(ValueError, match="shape"):
+        quiet(mutual_scores, tokens[0], valid)
+    with pytest.raises(ValueError, match="valid must have shape"):
+        quiet(mutual_scores, tokens, valid[:, :-1])
+    empty = valid.copy()
+    empty[3] = False
+    with pytest.raises(ValueError, match=r"\[3\]"):
+        quiet(mutual_scores, tokens, empty)
+    broken = tokens.copy()
+    broken[2, np.flatnonzero(valid[2])[0], 0] = np.nan
+    with pytest.raises(ValueError, match="non-finite"):
+        quiet(mutual_scores, broken, valid)
+    broken[2] = tokens[2]
+    broken[2, np.flatnonzero(~valid[2])[0], 0] = np.nan  # NaN in an invalid token is fine
+    scores = quiet(mutual_scores, broken, valid)
+    assert np.array_equal(scores, quiet(mutual_scores, tokens, valid))
+
+
+# ------------------------------------------------------------------------------------------------
+# devices
+def test_tf32_switched_off_inside_and_restored():
+    matmul = torch.backends.cuda.matmul
+    before = matmul.fp32_precision
+    with mutual_module.exact_fp32_matmul():
+        assert matmul.fp32_precision == "ieee"
+    assert matmul.fp32_precision == before
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA present")
+def test_cuda_requested_without_gpu_is_a_clear_error():
+    tokens, valid = random_batch(15, n_images=6)
+    with pytest.raises(DeviceUnavailableError, match="cuda"):
+        quiet(mutual_scores, tokens, valid, device="cuda")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_matches_cpu():
+    tokens, valid = random_batch(16, n_images=10)
+    cpu = quiet(mutual_scores, tokens, valid)
+    gpu = quiet(mutual_scores, tokens, valid, device="cuda")
+    np.testing.assert_allclose(gpu, cpu, rtol=1e-5, atol=1e-5)
+    part = quiet(mutual_scores, tokens, valid, device="cuda", query=[4, 2])
+    assert np.array_equal(part, gpu[[4, 2]])
