@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import random
-import warnings
 
 import numpy as np
 import pytest
@@ -198,7 +197,7 @@ def test_deterministic_for_a_seed():
     assert np.array_equal(first, second)
     assert d1.communities == d2.communities and d1.edges == d2.edges
     assert np.array_equal(d1.suspicious, d2.suspicious)
-    other, d3 = codegraph_scores(tokens, valid, settings=CodeGraphSettings(seed=7), return_details=True)
+    _, d3 = codegraph_scores(tokens, valid, settings=CodeGraphSettings(seed=7), return_details=True)
     assert d3.communities == d1.communities
 
 

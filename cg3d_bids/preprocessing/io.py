@@ -116,8 +116,14 @@ def _read_image(path: Path) -> nib.spatialimages.SpatialImage:
 
 
 def _read_data(image: nib.spatialimages.SpatialImage, path: Path) -> np.ndarray:
-    """Read every voxel (detects truncated and corrupt files), as float32."""
+    """Read every voxel (detects truncated and corrupt files), as float32.
+
+    A ``.gz`` file is also read to its end so that gzip checks its CRC: nibabel stops after the
+    voxel data and would accept a damaged stream that still inflates.
+    """
     try:
+        if path.name.endswith(".gz"):
+            _check_gzip_stream(path)
         return np.asarray(image.get_fdata(dtype=np.float32))
     except Exception as exc:  # EOFError, zlib.error, BadGzipFile, ValueError for short files
         raise InputDataError(
@@ -125,6 +131,15 @@ def _read_data(image: nib.spatialimages.SpatialImage, path: Path) -> np.ndarray:
             f"({type(exc).__name__}: {exc})", path=path,
             fix="re-copy or re-download the file (e.g. `gzip -t FILE` tests a .nii.gz)",
         ) from exc
+
+
+def _check_gzip_stream(path: Path) -> None:
+    """Inflate the whole file (in blocks) so gzip verifies its length and CRC-32."""
+    import gzip
+
+    with gzip.open(path, "rb") as fh:
+        while fh.read(1 << 24):
+            pass
 
 
 def _as_3d(data: np.ndarray, path: Path) -> np.ndarray:

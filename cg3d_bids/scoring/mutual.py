@@ -29,7 +29,6 @@ equal those of the full run exactly on a given device.
 
 from __future__ import annotations
 
-import logging
 import math
 import warnings
 from collections.abc import Iterator, Sequence
@@ -40,8 +39,6 @@ import numpy as np
 import torch
 
 from ..errors import BatchTooSmallError, DeviceUnavailableError
-
-LOGGER = logging.getLogger("cg3d")
 
 #: Below this batch size the paper (Table 5) reports degraded, high-variance results.
 WARN_BELOW_BATCH = 15
@@ -180,27 +177,37 @@ class TokenBank:
         valid_cpu = valid.cpu()
         self.positions = [torch.nonzero(valid_cpu[i]).flatten() for i in range(self.n_images)]
         self.counts = np.array([len(p) for p in self.positions], dtype=np.int64)
-        mean = self._mean(tokens, valid_cpu)
+        # one reusable scratch image: no per-image temporaries (they fragment the heap)
+        self._scratch = torch.empty((int(self.counts.max()), self.dim), dtype=torch.float32,
+                                    device=device)
+        mean = self._mean(tokens)
         self.cols = [self._gather(tokens, i, mean) for i in range(self.n_images)]
+        del self._scratch
 
     def _image(self, tokens: torch.Tensor, i: int) -> torch.Tensor:
+        """Valid tokens of image ``i`` as fp32 on the device, in the scratch buffer."""
         pos = self.positions[i].to(tokens.device)
-        return tokens[i].index_select(0, pos).to(device=self.device, dtype=torch.float32)
+        out = self._scratch[: len(pos)]
+        if tokens.dtype == torch.float32 and tokens.device == out.device:
+            torch.index_select(tokens[i], 0, pos, out=out)
+        else:
+            out.copy_(tokens[i].index_select(0, pos))
+        return out
 
-    def _mean(self, tokens: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    def _mean(self, tokens: torch.Tensor) -> torch.Tensor:
         total = torch.zeros(self.dim, dtype=torch.float64, device=self.device)
         for i in range(self.n_images):
-            total += self._image(tokens, i).sum(dim=0, dtype=torch.float64)
+            total += self._image(tokens, i).sum(dim=0).to(torch.float64)
         return (total / float(self.counts.sum())).to(torch.float32)
 
     def _gather(self, tokens: torch.Tensor, i: int, mean: torch.Tensor) -> torch.Tensor:
-        x = self._image(tokens, i) - mean
+        x = self._image(tokens, i).sub_(mean)
         if not bool(torch.isfinite(x).all()):
             raise ValueError(f"image {i} has non-finite valid tokens (NaN or Inf)")
         out = torch.empty((self.dim + 2, x.shape[0]), dtype=torch.float32, device=self.device)
         out[: self.dim] = x.t()
         out[self.dim] = 1.0
-        out[self.dim + 1] = (x * x).sum(dim=1)
+        torch.linalg.vecdot(x, x, dim=1, out=out[self.dim + 1])
         return out
 
     def row_side(self, i: int) -> torch.Tensor:

@@ -172,6 +172,7 @@ def tokenize_images(records: list[dict[str, Any]], landmarks_path: str, cfg: Run
     paths = [token_path(rec, landmarks_path, cfg) for rec in records]
     todo = [(rec, path) for rec, path in zip(records, paths) if not path.exists()]
     if todo:
+        _limit_threads()
         encoder = build_encoder(cfg)
         start = time.monotonic()
         for done, (rec, path) in enumerate(todo, 1):
@@ -210,6 +211,15 @@ def build_encoder(cfg: RunConfig):
     )
 
 
+def _limit_threads() -> None:
+    """One torch thread pool sized by OMP_NUM_THREADS (set by the command line per worker)."""
+    import torch
+
+    threads = int(os.environ.get("OMP_NUM_THREADS", "0") or 0)
+    if threads > 0:
+        torch.set_num_threads(threads)
+
+
 def _torch_device(cfg: RunConfig) -> str:
     return cfg.device
 
@@ -230,6 +240,7 @@ def score_batch(token_paths: list[str], modality: str, cfg: RunConfig) -> str:
     out = _stage_dir(cfg, "scores", modality) / f"scores_{key}.npz"
     if out.exists():
         return str(out)
+    _limit_threads()
     loaded = [load_tokens(p) for p in token_paths]
     tokens = np.stack([item["tokens"] for item in loaded], axis=1)  # (L, B, N, C)
     valid = np.stack([item["valid"] for item in loaded])  # (B, N)
