@@ -196,6 +196,7 @@ def voxel_metrics(hist: VoxelHistogram) -> dict[str, float | int]:
         "voxel_iou": best.iou,
         "voxel_threshold": best.threshold,
         "voxel_threshold_bin": best.threshold_bin,
+        "voxel_predicted_fraction": (best.tp + best.fp) / max(hist.n_pos + hist.n_neg, 1),
         "n_lesion_voxels": hist.n_pos,
         "n_brain_voxels": hist.n_pos + hist.n_neg,
     }

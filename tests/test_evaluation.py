@@ -470,3 +470,17 @@ def test_benchmark_intensity_models_are_as_documented(monkeypatch):
     hypo, b = bd.apply_lesion(np.array([100.0, 100.0], np.float32), soft, "T1w", rng)
     assert 0.4 <= a <= 0.9 and hyper[0] == 100 and hyper[1] == pytest.approx(100 * (1 + a))
     assert -0.6 <= b <= -0.3 and hypo[1] == pytest.approx(100 * (1 + b))
+
+
+def test_degenerate_dice_max_threshold_is_flagged(tmp_path):
+    out, gt = _fake_run(tmp_path)
+    for sub in SUBJECTS:  # maps that are high everywhere but in the lesions
+        path = out / f"sub-{sub}" / "anat" / f"sub-{sub}_label-anomaly_desc-T2w_probseg.nii.gz"
+        img = nib.load(str(path))
+        inverted = np.where(_brain() > 0, 1.0 - np.asarray(img.dataobj), 0).astype(np.float32)
+        nib.Nifti1Image(inverted, img.affine).to_filename(str(path))
+    assert ev.main([str(out), "--ground-truth", str(gt)]) == 0
+    result = json.loads((out / "eval_T2w.json").read_text())
+    assert result["metrics"]["voxel_auroc"] < 0.5
+    assert result["metrics"]["voxel_predicted_fraction"] > 0.5
+    assert any("trivially high" in w for w in result["warnings"])

@@ -69,6 +69,15 @@ def run_method(method: str, args: argparse.Namespace) -> dict:
     return {"out": out, "seconds": seconds, "rc": rc, "log": log, "command": cmd}
 
 
+def previous_seconds(out: Path, method: str) -> float:
+    """Run time of ``method`` recorded in an earlier results.json (NaN if none)."""
+    try:
+        rows = json.loads((out / "results.json").read_text())["rows"]
+        return float(next(r["seconds"] for r in rows if r["method"] == method))
+    except (OSError, ValueError, KeyError, StopIteration, TypeError):
+        return math.nan
+
+
 def cohort_participants(bids: Path, cohort: str) -> list[str] | None:
     """Participant labels of a cohort from participants.tsv (None = all)."""
     if cohort == "all":
@@ -123,9 +132,10 @@ def table_row(method: str, mod: str, cohort: str, result: dict | None, seconds: 
     lw = {e["bin"]: e for e in result["lesionwise"]["at_dice_max_threshold"]}
     bins = [b for b in lw if b != "all"]
     thr = m.get("voxel_threshold")
+    flag = "*" if (m.get("voxel_predicted_fraction") or 0) > 0.5 else ""
     return [method, mod, cohort, f"{m['n_lesioned']}/{m['n_healthy']}", _pct(m["patient_auroc"]),
             _pct(m["patient_ap"]), _pct(m["voxel_auroc"]), _pct(m["voxel_ap"]), _pct(m["voxel_dice_max"]),
-            _pct(m["voxel_iou"]), "n/a" if thr is None else f"{thr:.3f}",
+            _pct(m["voxel_iou"]), "n/a" if thr is None else f"{thr:.3f}{flag}",
             *[_ltpr(lw[b]) for b in bins[:3]], _pct(m.get("mask_dice")), f"{seconds:.0f}"]
 
 
@@ -166,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     rows, summary = [], []
     for method in args.methods:
         if args.reuse and (args.out / method).is_dir():
-            run = {"out": args.out / method, "seconds": math.nan, "rc": 0}
+            run = {"out": args.out / method, "seconds": previous_seconds(args.out, method), "rc": 0}
         else:
             run = run_method(method, args)
         for cohort in args.cohorts:
@@ -179,7 +189,8 @@ def main(argv: list[str] | None = None) -> int:
     table = markdown(rows)
     header = (f"Encoder {args.encoder} on {args.device}, cube {args.cube_size}; dataset {args.bids}. "
               "Metrics in % except threshold and LTPR (fraction, detected/lesions, at the Dice-max "
-              "threshold); run time = the whole method run (all modalities).")
+              "threshold); run time = the whole method run (all modalities). * = the Dice-max "
+              "threshold marks > 50 % of the brain voxels (no separation; LTPR trivially high).")
     (args.out / "results.md").write_text(header + "\n\n" + table + "\n")
     (args.out / "results.json").write_text(json.dumps(
         {"settings": {k: str(v) for k, v in vars(args).items()}, "rows": summary}, indent=2, default=str) + "\n")

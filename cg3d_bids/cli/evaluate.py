@@ -84,6 +84,8 @@ MATCHING_RULE = (
     "subject/session); desc-<modality> restricts a mask to that modality; most specific match wins"
 )
 NIFTI_EXT = (".nii.gz", ".nii")
+#: warn when the Dice-max threshold marks more than this share of the brain voxels
+DEGENERATE_FRACTION = 0.5
 
 
 # ------------------------------------------------------------------------------------------------
@@ -485,6 +487,11 @@ def evaluate_modality(
                                   [int(r["lesioned"]) for r in evaluated])
         voxel = voxel_metrics(hist)
     notes.extend(str(w.message) for w in caught if issubclass(w.category, MetricWarning))
+    if voxel["voxel_predicted_fraction"] > DEGENERATE_FRACTION:
+        notes.append(
+            f"the Dice-max threshold ({voxel['voxel_threshold']:.4g}) marks "
+            f"{100 * voxel['voxel_predicted_fraction']:.0f} % of the brain voxels as anomalous: the "
+            "map barely separates lesions, and the lesion-wise TPR at this threshold is trivially high")
     mask_dice, mask_iou = (dice_iou_from_counts(own["tp"], own["fp"], own["fn"])
                            if own["n_images"] else (math.nan, math.nan))
     volumes = [rec.volume_mm3 for rec in lesions]
@@ -677,6 +684,7 @@ METRIC_DESCRIPTIONS = {
     "voxel_dice_max": "best Dice over thresholds, one threshold for the batch",
     "voxel_iou": "IoU at the Dice-max threshold",
     "voxel_threshold": "Dice-max threshold: predicted = probseg >= threshold",
+    "voxel_predicted_fraction": "share of the brain voxels at or above the Dice-max threshold",
     "voxel_threshold_bin": "Dice-max threshold as a bin index (threshold = bin / n_bins)",
     "mask_dice": "Dice of cg3d's own binary anomaly masks, pooled",
     "mask_iou": "IoU of cg3d's own binary anomaly masks, pooled",
