@@ -47,6 +47,7 @@ class RunConfig:
     mask_desc: str = "brain"
     skip_bids_validation: bool = False
     bids_database_dir: Path | None = None
+    reset_bids_db: bool = False
     # method
     encoder: str = "dinov2_vitl14"
     weights: Path | None = None

@@ -336,9 +336,8 @@ def make_fake_outputs(out_dir: str | Path, records: Sequence[Any], *, bids_dir: 
         atomic_json(paths["probseg_json"], probseg_sidecar(rec, transform={"ScoreTransform": "identity"}, model=model))
         atomic_json(paths["anomaly_mask_json"], anomaly_mask_sidecar(rec, threshold, model=model))
         atomic_json(paths["brain_mask_json"], brain_mask_sidecar(rec, model=model))
-        for key in ("figure_probseg", "figure_anomaly_mask", "figure_brain_mask"):
+        for key in ("figure_probseg", "figure_brain_mask"):
             write_text(paths[key], svg)
-        write_text(paths["figure_summary"], f"<div>{rec.bids_name}</div>\n")
         write_text(paths["subject_report"], f"<html><body>sub-{rec.subject}</body></html>\n")
         outputs[rec.bids_name] = paths
         rows.setdefault(rec.modality, []).append({

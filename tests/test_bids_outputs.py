@@ -51,9 +51,7 @@ def test_names_without_sessions():
         "brain_mask": "sub-01/anat/sub-01_label-brain_desc-T2w_mask.nii.gz",
         "brain_mask_json": "sub-01/anat/sub-01_label-brain_desc-T2w_mask.json",
         "figure_probseg": "sub-01/figures/sub-01_label-anomaly_desc-T2w_probseg.svg",
-        "figure_anomaly_mask": "sub-01/figures/sub-01_label-anomaly_desc-T2w_mask.svg",
         "figure_brain_mask": "sub-01/figures/sub-01_label-brain_desc-T2w_mask.svg",
-        "figure_summary": "sub-01/figures/sub-01_desc-summary_T2w.html",
         "subject_report": "sub-01.html",
     }
 

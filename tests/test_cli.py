@@ -126,6 +126,11 @@ def test_bids_exec_spec_prints_descriptor(tmp_path, capsys):
     assert descriptor["tool-version"] == __version__
 
 
+def test_bids_exec_spec_needs_no_positionals(capsys):
+    assert main(["--bids-exec-spec"]) == 0
+    assert json.loads(capsys.readouterr().out)["name"] == "cg3d"
+
+
 def test_module_entry_point_runs():
     result = subprocess.run([sys.executable, "-m", "cg3d_bids", "--version"], capture_output=True, text=True)
     assert result.returncode == 0
@@ -137,3 +142,20 @@ def test_parser_has_every_documented_alias():
     for alias in ("--participant_label", "--session-id", "--skip_bids_validator", "--n_cpus", "--mem_mb",
                   "--bids-filter-file", "--use-plugin", "--config-file", "-w", "--nprocs", "--mem"):
         assert alias in options, alias
+
+
+@pytest.mark.parametrize("flag, expected", [([], False), (["--reset-bids-db"], True)])
+def test_reset_bids_db_reaches_discovery(tmp_path, monkeypatch, flag, expected):
+    import cg3d_bids.bids.discovery as discovery
+
+    seen = {}
+
+    def fake_discover(bids_dir, **kwargs):
+        seen.update(kwargs)
+        raise KeyboardInterrupt  # stop before any work; main() turns this into exit 130
+
+    monkeypatch.setattr(discovery, "discover_images", fake_discover)
+    status = main([str(_bids(tmp_path)), str(tmp_path / "out"), "group", "--device", "cpu",
+                   "--encoder", "test-tiny-vit", "--skip-bids-validation", "-w", str(tmp_path / "w"), *flag])
+    assert status == 130
+    assert seen["reset_database"] is expected

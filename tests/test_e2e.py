@@ -120,9 +120,15 @@ def test_dataset_files_and_logs(plain_run):
 
 
 def test_reports_written(plain_run):
+    from cg3d_bids.bids.naming import output_paths
+
     out = plain_run["root"] / "out"
     for sub in SUBJECTS:
         assert (out / f"sub-{sub}.html").exists()
+        for mod in ("T1w", "T2w"):
+            record = {"bids_name": f"sub-{sub}_{mod}", "subject": sub, "modality": mod}
+            missing = [str(p) for p in output_paths(record, out).values() if not p.exists()]
+            assert not missing, missing
     for mod in ("T1w", "T2w"):
         html = (out / f"group_{mod}.html").read_text()
         assert "sub-01" in html

@@ -160,6 +160,7 @@ def isolated_env(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     monkeypatch.delenv("CG3D_ALLOW_DOWNLOAD", raising=False)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(weights_mod, "_OFFLINE_SET_BY_US", False)  # the variable is the user's here
     (tmp_path / "baked").mkdir()
     return tmp_path
 

@@ -266,6 +266,10 @@ def test_cube_outside_fraction_warns(tmp_path, caplog):
     # brain box 32 x 36 x 28 voxels of 3 mm; a 90 mm cube keeps 30 x 30 x 28 of them
     assert cube.outside_fraction == pytest.approx(1 - (30 * 30) / (32 * 36))
     assert any("outside" in r.message and "%" in r.message for r in caplog.records)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="cg3d"):
+        quiet = make_cube(image, mask, size=32, fov_mm=90.0, warn_outside=False)
+    assert quiet.outside_fraction == cube.outside_fraction and not caplog.records
 
 
 def test_cube_to_native_round_trip_blob(tmp_path):

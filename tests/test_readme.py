@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import re
 from pathlib import Path
 
@@ -22,6 +23,14 @@ def test_every_option_documented_with_default():
     for action in build_parser()._actions:  # noqa: SLF001
         for option in action.option_strings:
             assert f"`{option}`" in text, option
+
+
+def test_options_table_is_current():
+    """The README's table is ``scripts/options_table.py``'s output: defaults cannot drift."""
+    spec = importlib.util.spec_from_file_location("options_table", README.parent / "scripts" / "options_table.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.options_table() in README.read_text(), "rerun: python scripts/options_table.py"
 
 
 def test_setup_commands_match_ci():

@@ -65,12 +65,12 @@ def output_paths(record: Any, out_dir: str | Path | None = None) -> dict[str, Pa
     """Every per-image output; relative to the output root, or under ``out_dir`` when given.
 
     Keys: ``probseg``, ``anomaly_mask``, ``brain_mask`` (NIfTI), the same with ``_json``
-    (sidecars), ``figure_probseg``, ``figure_anomaly_mask``, ``figure_brain_mask`` (SVG),
-    ``figure_summary`` (HTML fragment) and ``subject_report`` (``sub-<l>.html``).
+    (sidecars), ``figure_probseg`` and ``figure_brain_mask`` (the subject report's SVG
+    figures, as :func:`cg3d_bids.reports.subject.figure_names` writes them) and
+    ``subject_report`` (``sub-<l>.html``).
     """
     anat = anat_dir(record)
     figures = Path(f"sub-{_get(record, 'subject')}") / "figures"
-    modality = _get(record, "modality")
     names = {
         "probseg": ("probseg", "anomaly"),
         "anomaly_mask": ("mask", "anomaly"),
@@ -80,8 +80,8 @@ def output_paths(record: Any, out_dir: str | Path | None = None) -> dict[str, Pa
     for key, (suffix, label) in names.items():
         paths[key] = anat / derivative_name(record, suffix, label=label)
         paths[f"{key}_json"] = anat / derivative_name(record, suffix, label=label, extension=".json")
-        paths[f"figure_{key}"] = figures / derivative_name(record, suffix, label=label, extension=".svg")
-    paths["figure_summary"] = figures / f"{source_entities(record)}_desc-summary_{modality}.html"
+        if key != "anomaly_mask":  # the anomaly mask is drawn as a contour on the probseg figure
+            paths[f"figure_{key}"] = figures / derivative_name(record, suffix, label=label, extension=".svg")
     paths["subject_report"] = subject_report_path(_get(record, "subject"))
     if out_dir is not None:
         paths = {k: Path(out_dir) / p for k, p in paths.items()}

@@ -139,7 +139,7 @@ def build_parser() -> Cg3dArgumentParser:
     parser.add_argument("--version", action="version", version=f"cg3d v{__version__}")
     parser.add_argument(
         "--bids-exec-spec", action="store_true",
-        help="print the Boutiques descriptor (BEP027) and exit (give any three positionals)",
+        help="print the Boutiques descriptor (BEP027) and exit (no positionals needed)",
     )
 
     g = parser.add_argument_group("Selecting the data")
@@ -189,6 +189,11 @@ def build_parser() -> Cg3dArgumentParser:
     g.add_argument(
         "--bids-database-dir", dest="bids_database_dir", type=Path, metavar="PATH",
         help="reuse or create a pybids SQLite index here (default: <work-dir>/bids_db)",
+    )
+    g.add_argument(
+        "--reset-bids-db", "--reset_bids_db", dest="reset_bids_db", action="store_true",
+        help="re-index the input dataset even when an index of the same tree exists (the index is "
+        "keyed by the sub-/ses-/anat folders' names and modification times)",
     )
 
     g = parser.add_argument_group("Method (defaults reproduce the CoDeGraph3D paper)")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from nipype.interfaces.base import SimpleInterface, TraitedSpec, traits
+from nipype.interfaces.base import SimpleInterface, TraitedSpec, isdefined, traits
 
 from .stages import _ConfigInputSpec, load_config, record_error
 
@@ -44,6 +44,7 @@ class WriteGroupOutputs(SimpleInterface):
 class _ReportsInputSpec(_ConfigInputSpec):
     group_files = traits.List(traits.Str, mandatory=True)
     provenance = traits.Str(mandatory=True)
+    subjects = traits.List(traits.Str, desc="subject labels to report (default: all)")
 
 
 class _ReportsOutputSpec(TraitedSpec):
@@ -62,7 +63,7 @@ class WriteSubjectReports(SimpleInterface):
         try:
             self._results["reports"] = write_subject_reports(
                 list(self.inputs.group_files), load_config(self.inputs.config_file),
-                json.loads(self.inputs.provenance),
+                json.loads(self.inputs.provenance), subjects=list(self.inputs.subjects) if isdefined(self.inputs.subjects) else None,
             )
         except Exception as exc:
             record_error(self.inputs.config_file, exc, "subject-reports")

@@ -78,8 +78,11 @@ def resample(data: np.ndarray, vox2vox: np.ndarray, shape: tuple[int, ...], orde
 
 
 def make_cube(image: nib.Nifti1Image, mask: np.ndarray, *, size: int = 224, fov_mm: float = 156.0,
-              order: int = 1) -> Cube:
+              order: int = 1, warn_outside: bool = True) -> Cube:
     """Resample ``image`` and its brain ``mask`` (bool, image grid) into the cube.
+
+    ``warn_outside``: log a warning when more than 1 % of the brain falls outside the cube
+    (the pipeline warns once per image, when it first builds the cube).
 
     Raises :class:`InputDataError` for an empty mask or one that misses the cube entirely,
     ``ValueError`` for a mask of the wrong shape or a non-positive size/fov.
@@ -104,7 +107,7 @@ def make_cube(image: nib.Nifti1Image, mask: np.ndarray, *, size: int = 224, fov_
     cube_data = resample(data, vox2vox, shape, order=order).astype(np.float32, copy=False)
     cube_data[~cube_mask] = 0.0
     outside = fraction_outside(mask, image.affine, affine, size)
-    if outside > OUTSIDE_WARN_FRACTION:
+    if warn_outside and outside > OUTSIDE_WARN_FRACTION:
         LOGGER.warning("%.1f %% of the brain of %s falls outside the %g mm cube (increase --fov-mm?)",
                        100 * outside, source_name(image), fov_mm)
     return Cube(data=cube_data, mask=cube_mask, affine=affine, outside_fraction=outside,

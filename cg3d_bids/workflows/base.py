@@ -115,14 +115,20 @@ def init_cg3d_wf(
         ])
         group_nodes.append(group)
     if analysis_level == "group" and group_nodes:
-        reports = pe.Node(
+        subjects = sorted({rec["subject"] for records in selected.values() for rec in records})
+        reports = pe.MapNode(  # subject reports in parallel chunks (figures dominate the time)
             WriteSubjectReports(config_file=config, provenance=json.dumps(provenance)),
-            name="subject_reports",
+            iterfield=["subjects"], name="subject_reports",
         )
+        reports.inputs.subjects = _chunks(subjects, n_token_chunks)
         merge = pe.Node(Merge(len(group_nodes)), name="merge_groups")
         for i, node in enumerate(group_nodes, 1):
             wf.connect(node, "out_file", merge, f"in{i}")
         wf.connect(merge, "out", reports, "group_files")
     for node_name in wf.list_node_names():
-        wf.get_node(node_name).overwrite = True
+        node = wf.get_node(node_name)
+        # Our stages keep their own content-keyed caches, and the run configuration (with its
+        # run id) is an input of every node, so nipype's hashes never skip work of a new run.
+        # MapNodes must not be forced: under MultiProc the master re-runs forced sub-nodes.
+        node.overwrite = None if isinstance(node, pe.MapNode) else True
     return wf

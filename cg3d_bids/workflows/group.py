@@ -108,14 +108,18 @@ def write_group_outputs(
     return str(summary)
 
 
-def write_subject_reports(group_files: list[str], cfg: RunConfig, provenance: dict[str, Any]) -> list[str]:
-    """One ``sub-<label>.html`` per subject, all modalities and sessions inside."""
+def write_subject_reports(group_files: list[str], cfg: RunConfig, provenance: dict[str, Any],
+                          subjects: list[str] | None = None) -> list[str]:
+    """One ``sub-<label>.html`` per subject (only ``subjects`` when given), all modalities and
+    sessions inside."""
     from ..reports import write_subject_report
 
     per_subject: dict[str, list] = {}
     for path in group_files:
         summary = _read(path)
         for rec, res in zip(summary["records"], summary["results"]):
+            if subjects is not None and rec["subject"] not in subjects:
+                continue
             item = _image_result(rec, res, summary["modality"], summary["batch"]["B"], cfg)
             per_subject.setdefault(rec["subject"], []).append(item)
     written = []

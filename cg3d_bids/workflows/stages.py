@@ -164,8 +164,6 @@ def token_path(record: dict[str, Any], landmarks_path: str, cfg: RunConfig) -> P
 
 def tokenize_images(records: list[dict[str, Any]], landmarks_path: str, cfg: RunConfig) -> list[str]:
     """Tokens of each image (cached); the encoder is built once for all missing images."""
-    from ..preprocessing import make_cube
-    from ..preprocessing.nyul import standardise
     from ..tokens import tokenize_volume
 
     landmarks = json.loads(Path(landmarks_path).read_text())
@@ -175,14 +173,9 @@ def tokenize_images(records: list[dict[str, Any]], landmarks_path: str, cfg: Run
         _limit_threads()
         encoder = build_encoder(cfg)
         start = time.monotonic()
-        for done, (rec, path) in enumerate(todo, 1):
+        cubes = _prefetched_cubes([rec for rec, _ in todo], landmarks, cfg)
+        for done, ((rec, path), (cube, volume)) in enumerate(zip(todo, cubes), 1):
             t0 = time.monotonic()
-            _native, canonical, mask = load_inputs(rec, cfg)
-            cube = make_cube(canonical, mask, size=cfg.cube_size, fov_mm=cfg.fov_mm)
-            volume = standardise(
-                cube.data, cube.mask, np.asarray(landmarks["landmarks"]), landmarks["percentiles"],
-                source=rec["image_path"],
-            )
             tok = tokenize_volume(
                 volume, cube.mask, encoder, projection_dim=cfg.projection_dim,
                 seed=cfg.random_seed, device=_torch_device(cfg), slice_batch=cfg.slice_batch,
@@ -199,6 +192,35 @@ def tokenize_images(records: list[dict[str, Any]], landmarks_path: str, cfg: Run
                 rec["modality"], done, len(todo), rec["bids_name"], time.monotonic() - t0, elapsed, eta,
             )
     return [str(p) for p in paths]
+
+
+def standardised_cube(record: dict[str, Any], landmarks: dict[str, Any], cfg: RunConfig):
+    """The image's cube and its Nyul-standardised intensities (what the encoder sees)."""
+    from ..preprocessing import make_cube
+    from ..preprocessing.nyul import standardise
+
+    _native, canonical, mask = load_inputs(record, cfg)
+    cube = make_cube(canonical, mask, size=cfg.cube_size, fov_mm=cfg.fov_mm, warn_outside=False)
+    volume = standardise(
+        cube.data, cube.mask, np.asarray(landmarks["landmarks"]), landmarks["percentiles"],
+        source=record["image_path"],
+    )
+    return cube, volume
+
+
+def _prefetched_cubes(records: list[dict[str, Any]], landmarks: dict[str, Any], cfg: RunConfig):
+    """Yield :func:`standardised_cube` of each record in order, preparing the next one in a
+    background thread while the caller encodes the current one (loading and resampling release
+    the GIL for much of their time; at most two cubes are held). Errors surface in order."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="cg3d-cube") as pool:
+        pending = pool.submit(standardised_cube, records[0], landmarks, cfg) if records else None
+        for index in range(len(records)):
+            result = pending.result()
+            pending = (pool.submit(standardised_cube, records[index + 1], landmarks, cfg)
+                       if index + 1 < len(records) else None)
+            yield result
 
 
 def build_encoder(cfg: RunConfig):
