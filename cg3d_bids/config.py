@@ -76,6 +76,7 @@ class RunConfig:
     use_plugin: Path | None = None
     clean_workdir: bool = False
     stop_on_first_crash: bool = False
+    skip_bad_images: bool = False
     verbose: int = 0
     # filled in at run time
     weights_sha256: str | None = None

@@ -221,3 +221,46 @@ def test_killed_run_resumes_to_identical_outputs(tmp_path):
     ref_rows = read_tsv(tmp_path / "ref" / "group_T1w.tsv")
     new_rows = read_tsv(tmp_path / "out" / "group_T1w.tsv")
     assert [r["score_max"] for r in ref_rows] == [r["score_max"] for r in new_rows]
+
+
+def test_skip_bad_images_scores_the_rest(tmp_path, capsys):
+    """--skip-bad-images: a corrupt and a NaN image are listed as skipped, the other five scored,
+    exit 1; without the flag the same data stops with 65 and points to the flag; a fixed image
+    rejoins the batch on the rerun."""
+    subjects = ["01", "02", "03", "04", "05", "06", "07"]
+    paths = make_bids_dataset(tmp_path / "bids", subjects=subjects, modalities=("T1w",), seed=6)
+    anat = tmp_path / "bids" / "sub-{s}" / "anat" / "sub-{s}_T1w.nii.gz"
+    good = Path(str(anat).format(s="02")).read_bytes()
+    Path(str(anat).format(s="02")).write_bytes(b"not a nifti")
+    img = nib.load(str(anat).format(s="05"))
+    data = np.asarray(img.dataobj).astype(np.float32)
+    data[2, 2, 2] = np.inf
+    nib.save(nib.Nifti1Image(data, img.affine), str(anat).format(s="05"))
+    common = ["-d", f"masks={paths['masks_dir']}", "--modality", "T1w"]
+
+    assert run_cg3d(tmp_path / "bids", tmp_path / "stop", tmp_path / "work", *common) == 65
+    assert "--skip-bad-images" in capsys.readouterr().err
+
+    assert run_cg3d(tmp_path / "bids", tmp_path / "out", tmp_path / "work", *common, "--skip-bad-images") == 1
+    rows = {r["participant_id"]: r for r in read_tsv(tmp_path / "out" / "group_T1w.tsv")}
+    assert list(rows) == [f"sub-{s}" for s in subjects]
+    assert {k for k, r in rows.items() if r["status"] == "skipped"} == {"sub-02", "sub-05"}
+    assert "sub-02_T1w.nii.gz" in rows["sub-02"]["error"] and "sub-05_T1w.nii.gz" in rows["sub-05"]["error"]
+    assert sorted(int(r["rank"]) for r in rows.values() if r["status"] == "ok") == [1, 2, 3, 4, 5]
+    anat_out = tmp_path / "out" / "sub-{s}" / "anat" / "sub-{s}_label-anomaly_desc-T1w_probseg.nii.gz"
+    assert not Path(str(anat_out).format(s="02")).exists()
+    assert Path(str(anat_out).format(s="03")).exists()
+    assert "skipped" in (tmp_path / "out" / "sub-02.html").read_text()
+    assert "skipped" in (tmp_path / "out" / "group_T1w.html").read_text()
+    with np.load(next((tmp_path / "work" / "scores" / "T1w").glob("*.npz"))) as scores:
+        assert scores["valid"].shape[0] == 5
+    from cg3d_bids.bids.validation import validate_derivatives
+
+    n_errors, messages = validate_derivatives(tmp_path / "out")
+    assert n_errors == 0, messages
+
+    Path(str(anat).format(s="02")).write_bytes(good)
+    assert run_cg3d(tmp_path / "bids", tmp_path / "out", tmp_path / "work", *common, "--skip-bad-images") == 1
+    rows = {r["participant_id"]: r for r in read_tsv(tmp_path / "out" / "group_T1w.tsv")}
+    assert [k for k, r in rows.items() if r["status"] != "ok"] == ["sub-05"]
+    assert Path(str(anat_out).format(s="02")).exists()

@@ -68,7 +68,6 @@ from ..evaluation import (
     lesion_records,
     lesionwise_tpr,
     patient_metrics,
-    size_bin_names,
     voxel_metrics,
 )
 from .parser import MODALITIES, Cg3dArgumentParser

@@ -306,7 +306,15 @@ def build_parser() -> Cg3dArgumentParser:
     )
     g.add_argument(
         "--stop-on-first-crash", dest="stop_on_first_crash", action="store_true",
-        help="stop at the first failing image instead of reporting it and going on",
+        help="stop at the first image whose outputs cannot be written instead of reporting it "
+        "and going on (bad input data always stops the run, unless --skip-bad-images)",
+    )
+    g.add_argument(
+        "--skip-bad-images", dest="skip_bad_images", action="store_true",
+        help="leave images whose data cannot be used (corrupt, truncated, 4D, NaN/Inf, empty or "
+        "unmappable mask) out of the batch instead of stopping with exit 65: they are listed as "
+        "'skipped' with the reason in group_<mod>.tsv and the reports, the others are scored, and "
+        "the exit code is 1",
     )
     g.add_argument("--notrack", action="store_true", help="accepted for nipreps compatibility; cg3d sends nothing")
     g.add_argument(

@@ -22,6 +22,7 @@ from typing import Any
 from .. import __version__
 from ..config import RunConfig, load_config_file
 from ..errors import (
+    EXIT_DATAERR,
     EXIT_FAILURE,
     CantCreateError,
     Cg3dError,
@@ -259,7 +260,8 @@ def _run(cfg: RunConfig) -> int:
     _write_dataset_files(cfg)
     failed = _failed_images(cfg, records)
     if failed:
-        LOGGER.error("%d image(s) failed: %s (see group_*.tsv and logs/)", len(failed), ", ".join(failed))
+        LOGGER.error("%d image(s) failed or were skipped: %s (see the status and error columns of "
+                     "group_*.tsv, and logs/)", len(failed), ", ".join(failed))
         return EXIT_FAILURE
     LOGGER.info("done: outputs in %s", cfg.output_dir)
     return 0
@@ -374,8 +376,13 @@ def _raise_recorded_error(cfg: RunConfig, exc: Exception) -> None:
     errors = sorted((cfg.work_dir / "errors" / cfg.run_id).glob("*.json"))
     if errors:
         info = json.loads(errors[0].read_text())
-        error = Base(info["message"])
+        message = info["message"]
+        error = Base(message)
         error.exit_code = int(info.get("exit_code", EXIT_FAILURE))
+        if error.exit_code == EXIT_DATAERR and not cfg.skip_bad_images:
+            error = Base(message + "\n  or: rerun with --skip-bad-images to score the other images "
+                         "and list this one as skipped")
+            error.exit_code = EXIT_DATAERR
         if "OutOfMemoryError" in info.get("type", "") or "out of memory" in info["message"]:
             raise TempFailError("the GPU ran out of memory: " + info["message"],
                                 fix="lower --slice-batch (e.g. 32) or --score-chunk-mb")

@@ -70,11 +70,11 @@ class PrepareImage(SimpleInterface):
     output_spec = _PathOutputSpec
 
     def _run_interface(self, runtime):
-        from ..workflows.stages import prepare_image
+        from ..workflows.stages import prepare_or_skip
 
         record = json.loads(self.inputs.record)
         try:
-            self._results["out_file"] = prepare_image(record, load_config(self.inputs.config_file))
+            self._results["out_file"] = prepare_or_skip(record, load_config(self.inputs.config_file))
         except Exception as exc:
             record_error(self.inputs.config_file, exc, f"prepare-{record['bids_name']}")
             raise
@@ -162,8 +162,7 @@ class ScoreBatch(SimpleInterface):
 
 class _OutputsInputSpec(_ConfigInputSpec):
     record = traits.Str(mandatory=True)
-    index = traits.Int(mandatory=True)
-    token_file = traits.Str(mandatory=True)
+    token_file = traits.Str(mandatory=True, desc='token file ("" for an image skipped as bad data)')
     score_file = traits.Str(mandatory=True)
     provenance = traits.Str(mandatory=True, desc="provenance (JSON)")
 
@@ -182,7 +181,7 @@ class WriteImageOutputs(SimpleInterface):
         cfg = load_config(self.inputs.config_file)
         try:
             self._results["out_file"] = write_image_outputs(
-                record, self.inputs.index, self.inputs.token_file, self.inputs.score_file, cfg,
+                record, self.inputs.token_file, self.inputs.score_file, cfg,
                 json.loads(self.inputs.provenance),
             )
         except Exception as exc:

@@ -44,9 +44,9 @@ def _order_tokens(token_files: list[list[str]], names: list[str]) -> list[str]:
     """Token files back in batch order (chunks interleave the images)."""
     from pathlib import Path
 
-    flat = [item for chunk in token_files for item in chunk]
+    flat = [item for chunk in token_files for item in chunk if item]  # "": skipped image
     by_name = {Path(path).name.rsplit("_", 1)[0]: path for path in flat}
-    return [by_name[name] for name in names]
+    return [by_name.get(name, "") for name in names]
 
 
 def init_cg3d_wf(
@@ -96,10 +96,9 @@ def init_cg3d_wf(
         order.inputs.names = names
         outputs = pe.MapNode(
             WriteImageOutputs(config_file=config, provenance=json.dumps(provenance)),
-            iterfield=["record", "index", "token_file"], name=f"outputs_{modality}",
+            iterfield=["record", "token_file"], name=f"outputs_{modality}",
         )
         outputs.inputs.record = [json.dumps(rec) for rec in records]
-        outputs.inputs.index = list(range(len(records)))
         group = pe.Node(
             WriteGroupOutputs(config_file=config, modality=modality, provenance=json.dumps(provenance),
                               records=json.dumps(records)),

@@ -44,8 +44,10 @@ def collect_results(
         timings = json.loads(str(data["timings"]))
         suspicious = data["suspicious"].sum(axis=1).tolist()
         n_images = int(data["valid"].shape[0])
+        # batch order of the scores (images skipped as bad data are not in it): token file names
+        scored = [str(name).rsplit("_", 1)[0] for name in data["names"]]
     named = [
-        {"id": k + 1, "members": [records[i]["bids_name"] for i in members],
+        {"id": k + 1, "members": [scored[i] for i in members],
          "n_suspicious": [int(suspicious[i]) for i in members]}
         for k, members in enumerate(communities)
     ]

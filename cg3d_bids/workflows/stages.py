@@ -100,6 +100,32 @@ def _skullstrip_cached(record: dict[str, Any], canonical, cfg: RunConfig) -> np.
     return mask
 
 
+def result_path(record: dict[str, Any], cfg: RunConfig) -> Path:
+    """The per-image result JSON (``status`` ok/skipped/failed) that the group stage reads."""
+    return _stage_dir(cfg, "results", record["modality"]) / f"{record['bids_name']}.json"
+
+
+def prepare_or_skip(record: dict[str, Any], cfg: RunConfig) -> str:
+    """:func:`prepare_image`; with ``cfg.skip_bad_images``, an image whose data cannot be used
+    (:class:`InputDataError`: corrupt, 4D, NaN/Inf, empty or unmappable mask) is left out of the
+    batch instead of stopping the run: its result is written as ``skipped`` with the reason, and
+    the returned prep file says ``"status": "skipped"`` so that later stages leave it out."""
+    from ..errors import InputDataError
+
+    try:
+        return prepare_image(record, cfg)
+    except InputDataError as exc:
+        if not cfg.skip_bad_images:
+            raise
+        message = exc.render()
+        LOGGER.warning("skipping %s (--skip-bad-images): %s", record["bids_name"], message)
+        skipped = {"bids_name": record["bids_name"], "status": "skipped", "error": message}
+        write_json(result_path(record, cfg), skipped)
+        out = _stage_dir(cfg, "prep", record["modality"]) / f"{record['bids_name']}_skipped.json"
+        write_json(out, skipped)
+        return str(out)
+
+
 def prepare_image(record: dict[str, Any], cfg: RunConfig) -> str:
     """Brain-intensity percentiles of the image's cube (cached JSON); returns its path."""
     from ..preprocessing import make_cube
@@ -136,6 +162,12 @@ def compute_landmarks(prep_paths: list[str], modality: str, cfg: RunConfig) -> s
     from ..preprocessing.nyul import landmarks_from_percentiles
 
     preps = [json.loads(Path(p).read_text()) for p in sorted(prep_paths)]
+    preps = [p for p in preps if p.get("status") != "skipped"]
+    if not preps:
+        from ..errors import NoInputError
+
+        raise NoInputError(f"no usable {modality} image: every one was skipped as bad data",
+                           fix="see the warnings above and group_<mod>.tsv; fix or replace the images")
     key = _short_hash([p["key"] for p in preps], NYUL_PERCENTILES)
     out = _stage_dir(cfg, "landmarks", modality) / f"landmarks_{key}.json"
     if not out.exists():
@@ -167,8 +199,9 @@ def tokenize_images(records: list[dict[str, Any]], landmarks_path: str, cfg: Run
     from ..tokens import tokenize_volume
 
     landmarks = json.loads(Path(landmarks_path).read_text())
-    paths = [token_path(rec, landmarks_path, cfg) for rec in records]
-    todo = [(rec, path) for rec, path in zip(records, paths) if not path.exists()]
+    usable = set(landmarks["images"])  # images skipped as bad data are not in it
+    paths = [token_path(rec, landmarks_path, cfg) if rec["bids_name"] in usable else None for rec in records]
+    todo = [(rec, path) for rec, path in zip(records, paths) if path is not None and not path.exists()]
     if todo:
         _limit_threads()
         encoder = build_encoder(cfg)
@@ -191,7 +224,7 @@ def tokenize_images(records: list[dict[str, Any]], landmarks_path: str, cfg: Run
                 "[tokens %s %d/%d] %s in %.1f s (elapsed %.0f s, about %.0f s left)",
                 rec["modality"], done, len(todo), rec["bids_name"], time.monotonic() - t0, elapsed, eta,
             )
-    return [str(p) for p in paths]
+    return [str(p) if p is not None else "" for p in paths]  # "": skipped image
 
 
 def standardised_cube(record: dict[str, Any], landmarks: dict[str, Any], cfg: RunConfig):
@@ -257,6 +290,7 @@ def score_batch(token_paths: list[str], modality: str, cfg: RunConfig) -> str:
     """Scores of every token of every image, per layer then averaged; cached npz."""
     from ..scoring import CodeGraphSettings, codegraph_scores, mutual_scores
 
+    token_paths = [p for p in token_paths if p]  # "": image skipped as bad data
     names = [Path(p).name for p in token_paths]
     key = cfg.key(SCORE_SETTINGS, names)
     out = _stage_dir(cfg, "scores", modality) / f"scores_{key}.npz"
@@ -331,21 +365,26 @@ def canonical_to_native(data: np.ndarray, native) -> np.ndarray:
 
 
 def write_image_outputs(
-    record: dict[str, Any], index: int, token_file: str, score_file: str, cfg: RunConfig,
+    record: dict[str, Any], token_file: str, score_file: str, cfg: RunConfig,
     provenance: dict[str, Any],
 ) -> str:
     """Write probseg, anomaly mask and brain mask (+ sidecars) on the native grid.
 
-    Returns the path of a JSON summary in the work dir that the group stage reads.
+    Returns the path of a JSON summary in the work dir that the group stage reads. An image
+    skipped as bad data (``token_file == ""``) writes nothing; its ``skipped`` result stands.
     """
-    import nibabel as nib
-
     from ..bids.derivatives import anomaly_mask_sidecar, brain_mask_sidecar, probseg_sidecar
     from ..bids.naming import output_paths
     from ..maps import subject_summary, token_map_to_cube
     from ..preprocessing import cube_to_native
 
+    out = result_path(record, cfg)
+    if not token_file:
+        if not out.exists():
+            write_json(out, {"bids_name": record["bids_name"], "status": "skipped", "error": "no tokens"})
+        return str(out)
     scores = load_tokens(score_file)
+    index = [str(name) for name in scores["names"]].index(Path(token_file).name)
     tokens = load_tokens(token_file)
     native, _canonical, mask_canonical = load_inputs(record, cfg)
     size = int(tokens["cube_size"])
@@ -384,7 +423,6 @@ def write_image_outputs(
         "outputs": {name: str(path) for name, path in paths.items()},
         "outside_fraction": None,
     })
-    out = _stage_dir(cfg, "results", record["modality"]) / f"{record['bids_name']}.json"
     write_json(out, summary)
     return str(out)
 
