@@ -180,6 +180,7 @@ def main(argv: list[str] | None = None) -> None:
     head = ["B"] + [f"ours s ({mb:g} MB)" for mb in blocks] + [
         "naive cdist s", "speed-up", "ours GFLOP/s", "fp32 matmul GFLOP/s", "% of matmul"]
     head += [f"peak {unit} ({mb:g} MB)" for mb in blocks] + [f"work {unit} ({mb:g} MB)" for mb in blocks]
+    head += [f"work - data MB ({mb:g} MB)" for mb in blocks]
     if not args.no_codegraph:
         head.append("CoDeGraph s")
     print("| " + " | ".join(head) + " |")
@@ -191,6 +192,8 @@ def main(argv: list[str] | None = None) -> None:
             naive_s, f"{naive['seconds'] / fastest['seconds']:.2f}x", f"{gflops:.0f}",
             f"{matmul:.0f}", f"{100 * gflops / matmul:.0f} %"]
         cells += [f"{o['peak_mb']:.0f}" for o in ours] + [f"{o['work_mb']:.0f}" for o in ours]
+        data_mb = (b * args.tokens * (args.dim + 2) + b * b * args.tokens) * 4 / 2**20
+        cells += [f"{o['work_mb'] - data_mb:.0f}" for o in ours]
         if graph is not None:
             cells.append(f"{graph['seconds']:.2f}")
         print("| " + " | ".join(cells) + " |")
@@ -198,7 +201,10 @@ def main(argv: list[str] | None = None) -> None:
         print("\n\\* naive time extrapolated from a sample of ordered pairs (--quick).")
     print("\nfp32 matmul: 4096^3 torch.mm measured in the same process right after the timed run. "
           "work = peak minus the memory held once the input tokens exist: the gathered fp32 "
-          "token copy (B N (C + 2) 4 bytes), the (B, B, N) minimum table and one distance block.")
+          "token copy (B N (C + 2) 4 bytes), the (B, B, N) minimum table and one distance block. "
+          "work - data = work minus those two (which grow with the data by design): the memory the "
+          "distance blocks take, which should not grow with B (peak RSS: expect tens of MB of allocator "
+          "noise).")
 
 
 if __name__ == "__main__":

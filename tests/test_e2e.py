@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import nibabel as nib
@@ -264,3 +265,46 @@ def test_skip_bad_images_scores_the_rest(tmp_path, capsys):
     rows = {r["participant_id"]: r for r in read_tsv(tmp_path / "out" / "group_T1w.tsv")}
     assert [k for k, r in rows.items() if r["status"] != "ok"] == ["sub-05"]
     assert Path(str(anat_out).format(s="02")).exists()
+
+
+@contextmanager
+def read_only_view(source: Path, view: Path):
+    """``view`` shows ``source`` read-only: a read-only bind mount as root (where permission bits
+    do not stop root), write permissions removed otherwise."""
+    view.mkdir()
+    if os.geteuid() != 0:
+        paths = [source, *source.rglob("*")]
+        modes = {p: p.stat().st_mode for p in paths}
+        view.rmdir()
+        view.symlink_to(source)
+        for p in paths:
+            p.chmod(modes[p] & ~0o222)
+        try:
+            yield
+        finally:
+            for p in reversed(paths):
+                p.chmod(modes[p])
+        return
+    bind = subprocess.run(["mount", "--bind", str(source), str(view)], capture_output=True, text=True)
+    if bind.returncode:
+        pytest.skip(f"cannot bind-mount as root here: {bind.stderr.strip()}")
+    try:
+        subprocess.run(["mount", "-o", "remount,bind,ro", str(view)], check=True, capture_output=True)
+        yield
+    finally:
+        subprocess.run(["umount", str(view)], check=True)
+
+
+def test_read_only_input_dataset(tmp_path):
+    """A dataset the process cannot write to (masks inside it too) runs, validation included."""
+    make_bids_dataset(tmp_path / "src", subjects=SUBJECTS[:5], modalities=("T1w",), seed=8)
+    view = tmp_path / "ro"
+    with read_only_view(tmp_path / "src", view):
+        with pytest.raises(OSError):
+            (view / "probe.txt").write_text("x")
+        argv = [str(view), str(tmp_path / "out"), "group", "-w", str(tmp_path / "work"),
+                *[a for a in FAST if a != "--skip-bids-validation"],
+                "--modality", "T1w", "-d", f"masks={view / 'derivatives' / 'masks'}"]
+        assert main(argv) == 0
+    assert len(read_tsv(tmp_path / "out" / "group_T1w.tsv")) == 5
+    assert not (tmp_path / "src" / "probe.txt").exists()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +12,8 @@ import numpy as np
 
 from ..atomic import write_json
 from ..config import RunConfig
+
+LOGGER = logging.getLogger("cg3d")
 
 
 def _read(path: str | Path) -> dict[str, Any]:
@@ -125,8 +129,14 @@ def write_subject_reports(group_files: list[str], cfg: RunConfig, provenance: di
             item = _image_result(rec, res, summary["modality"], summary["batch"]["B"], cfg)
             per_subject.setdefault(rec["subject"], []).append(item)
     written = []
-    for subject, items in sorted(per_subject.items()):
+    start = time.monotonic()
+    for done, (subject, items) in enumerate(sorted(per_subject.items()), 1):
+        t0 = time.monotonic()
         written.append(str(write_subject_report(Path(cfg.output_dir), subject, items, _provenance(provenance))))
+        elapsed = time.monotonic() - start
+        LOGGER.info("[reports %d/%d] sub-%s in %.1f s (elapsed %.0f s, about %.0f s left)", done,
+                    len(per_subject), subject, time.monotonic() - t0, elapsed,
+                    elapsed / done * (len(per_subject) - done))
     return written
 
 
