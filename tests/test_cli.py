@@ -159,3 +159,41 @@ def test_reset_bids_db_reaches_discovery(tmp_path, monkeypatch, flag, expected):
                    "--encoder", "test-tiny-vit", "--skip-bids-validation", "-w", str(tmp_path / "w"), *flag])
     assert status == 130
     assert seen["reset_database"] is expected
+
+
+def test_config_file_restores_settings_and_the_command_line_wins(tmp_path):
+    from cg3d_bids.cli.run import build_config
+    from cg3d_bids.config import RunConfig
+
+    bids = _bids(tmp_path)
+    saved = RunConfig(bids_dir=bids, output_dir=tmp_path / "o", analysis_level="group", work_dir=tmp_path / "w",
+                      fraction=0.2, random_seed=11, cube_size=112, modality=["T2w"], threshold=0.7)
+    toml = tmp_path / "config-x.toml"
+    toml.write_text(saved.to_toml())
+    argv = [str(bids), str(tmp_path / "out"), "group", "--config-file", str(toml), "--random-seed", "3"]
+    cfg = build_config(parse_args(argv), argv)
+    assert (cfg.fraction, cfg.cube_size, cfg.modality, cfg.threshold) == (0.2, 112, ["T2w"], 0.7)
+    assert cfg.random_seed == 3  # given on the command line
+    assert cfg.output_dir == (tmp_path / "out").absolute()  # positionals are never taken from the file
+
+
+@pytest.mark.parametrize("text, needle", [
+    ("plugin: [unclosed", "not valid YAML"),
+    ("- a list", "mapping"),
+    ("plugin: Nonsense", "unknown nipype plugin"),
+])
+def test_bad_plugin_file_is_a_usage_error_before_any_work(tmp_path, capsys, text, needle):
+    plugin = tmp_path / "plugin.yml"
+    plugin.write_text(text)
+    status = main([str(_bids(tmp_path)), str(tmp_path / "out"), "group", "--device", "cpu",
+                   "--use-plugin", str(plugin), "-w", str(tmp_path / "w")])
+    err = capsys.readouterr().err
+    assert status == 64 and needle in err and "plugin.yml" in err, err
+
+
+def test_plugin_file_is_read(tmp_path):
+    from cg3d_bids.cli.run import read_plugin_file
+
+    path = tmp_path / "plugin.yml"
+    path.write_text("plugin: SLURM\nplugin_args: {sbatch_args: '-p gpu', max_jobs: 5}\n")
+    assert read_plugin_file(path) == ("SLURM", {"sbatch_args": "-p gpu", "max_jobs": 5})

@@ -308,3 +308,29 @@ def test_read_only_input_dataset(tmp_path):
         assert main(argv) == 0
     assert len(read_tsv(tmp_path / "out" / "group_T1w.tsv")) == 5
     assert not (tmp_path / "src" / "probe.txt").exists()
+
+
+def test_concurrent_participant_calls_share_the_work_dir(tmp_path):
+    """One participant call per subject, all at once on one work dir (an HPC array job), then
+    the group level: every call succeeds and the group reuses every token."""
+    subjects = SUBJECTS[:5]
+    paths = make_bids_dataset(tmp_path / "bids", subjects=subjects, modalities=("T1w",), seed=9)
+    common = ["-d", f"masks={paths['masks_dir']}", "--modality", "T1w"]
+    procs = [
+        subprocess.Popen([sys.executable, "-m", "cg3d_bids", str(tmp_path / "bids"), str(tmp_path / "out"),
+                          "participant", "-w", str(tmp_path / "work"), *FAST, *common,
+                          "--participant-label", sub],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        for sub in subjects
+    ]
+    for proc in procs:
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err[-3000:]
+    tokens = sorted((tmp_path / "work" / "tokens").rglob("*.npz"))
+    assert len(tokens) == len(subjects)
+    assert len(list((tmp_path / "work" / "prep").rglob("*.json"))) == len(subjects)
+    mtimes = [p.stat().st_mtime_ns for p in tokens]
+    assert run_cg3d(tmp_path / "bids", tmp_path / "out", tmp_path / "work", *common) == 0
+    assert [p.stat().st_mtime_ns for p in tokens] == mtimes
+    assert len(read_tsv(tmp_path / "out" / "group_T1w.tsv")) == len(subjects)
+    assert not any((tmp_path / "work" / "nipype").iterdir()), "nipype folders of finished runs are removed"

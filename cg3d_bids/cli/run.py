@@ -13,6 +13,7 @@ import dataclasses
 import json
 import logging
 import os
+import shutil
 import sys
 import time
 import uuid
@@ -191,9 +192,9 @@ def run(cfg: RunConfig) -> int:
     """The whole run after argument parsing. Raises Cg3dError on failure."""
     output_existed = check_paths(cfg)
     check_device(cfg)
+    if cfg.use_plugin:
+        read_plugin_file(cfg.use_plugin)  # a bad plugin file fails now, not after discovery
     if cfg.clean_workdir and cfg.work_dir.exists():
-        import shutil
-
         shutil.rmtree(cfg.work_dir)
     cfg.work_dir.mkdir(parents=True, exist_ok=True)
     log_file = _add_file_log(cfg)
@@ -338,10 +339,13 @@ def _run_workflow(cfg: RunConfig, config_file: Path, records, cohort_records, pr
         },
         "monitoring": {"enabled": "false"},
     })
+    # nipype's own node folders are per run: concurrent participant calls sharing the work dir
+    # must not step on each other's (cg3d's content-keyed caches live beside, shared and safe).
+    nipype_dir = cfg.work_dir / "nipype" / cfg.run_id
     wf = init_cg3d_wf(
         config_file=config_file, analysis_level=cfg.analysis_level, selected=records,
         cohort=cohort_records, provenance=provenance, use_gpu=use_gpu, n_token_chunks=nprocs,
-        base_dir=cfg.work_dir / "nipype",
+        base_dir=nipype_dir,
     )
     plugin, plugin_args = _plugin(cfg, nprocs, use_gpu)
     t0 = time.monotonic()
@@ -350,14 +354,33 @@ def _run_workflow(cfg: RunConfig, config_file: Path, records, cohort_records, pr
     except Exception as exc:
         _raise_recorded_error(cfg, exc)
     LOGGER.info("workflow finished in %.1f s", time.monotonic() - t0)
+    shutil.rmtree(nipype_dir, ignore_errors=True)  # kept after a failure, for its crash files
+
+
+def read_plugin_file(path: Path) -> tuple[str, dict[str, Any]]:
+    """``--use-plugin``: a nipype plugin YAML (``plugin: SLURM`` and ``plugin_args: {...}``)."""
+    import yaml
+    from nipype.pipeline import plugins
+
+    example = "plugin: MultiProc\nplugin_args: {n_procs: 8, memory_gb: 32}"
+    try:
+        spec = yaml.safe_load(Path(path).read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise UsageError(f"--use-plugin is not valid YAML: {exc}", path=path, fix=f"write e.g.\n{example}") from exc
+    if not isinstance(spec, dict) or not isinstance(spec.get("plugin_args", {}) or {}, dict):
+        raise UsageError("--use-plugin must hold a mapping with 'plugin' and 'plugin_args'", path=path,
+                         fix=f"write e.g.\n{example}")
+    name = str(spec.get("plugin", "MultiProc"))
+    if not hasattr(plugins, f"{name}Plugin"):
+        known = sorted(n[: -len("Plugin")] for n in dir(plugins) if n.endswith("Plugin") and n != "Plugin")
+        raise UsageError(f"--use-plugin names an unknown nipype plugin {name!r}", path=path,
+                         fix=f"use one of {', '.join(known)}")
+    return name, dict(spec.get("plugin_args", {}) or {})
 
 
 def _plugin(cfg: RunConfig, nprocs: int, use_gpu: bool) -> tuple[str, dict[str, Any]]:
     if cfg.use_plugin:
-        import yaml
-
-        spec = yaml.safe_load(Path(cfg.use_plugin).read_text()) or {}
-        return spec.get("plugin", "MultiProc"), spec.get("plugin_args", {}) or {}
+        return read_plugin_file(cfg.use_plugin)
     if nprocs == 1:
         return "Linear", {}
     args: dict[str, Any] = {"n_procs": nprocs, "raise_insufficient": False}

@@ -40,6 +40,22 @@ def _chunks(items: list[Any], n_chunks: int) -> list[list[Any]]:
     return [items[i::n_chunks] for i in range(n_chunks)]
 
 
+def prepare_order(cohort: list[dict[str, Any]], selected: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The order in which to prepare the cohort's images: the selected ones first, then the rest
+    of the cohort walked from the first selected image's position (wrapping around).
+
+    Every ``participant`` call needs the whole cohort prepared (batch Nyul landmarks). Calls for
+    different subjects running at the same time on a shared work dir then start at different
+    places and find most of the others' images already cached, instead of all preparing the
+    cohort in the same order at once. The result does not depend on the order.
+    """
+    chosen = {rec["bids_name"] for rec in selected}
+    start = next((i for i, rec in enumerate(cohort) if rec["bids_name"] in chosen), 0)
+    rotated = cohort[start:] + cohort[:start]
+    return ([rec for rec in rotated if rec["bids_name"] in chosen]
+            + [rec for rec in rotated if rec["bids_name"] not in chosen])
+
+
 def _order_tokens(token_files: list[list[str]], names: list[str]) -> list[str]:
     """Token files back in batch order (chunks interleave the images)."""
     from pathlib import Path
@@ -69,7 +85,7 @@ def init_cg3d_wf(
         prepare = pe.MapNode(
             PrepareImage(config_file=config), iterfield=["record"], name=f"prepare_{modality}",
         )
-        prepare.inputs.record = [json.dumps(rec) for rec in cohort_records]
+        prepare.inputs.record = [json.dumps(rec) for rec in prepare_order(cohort_records, records)]
         landmarks = pe.Node(
             ComputeLandmarks(config_file=config, modality=modality), name=f"landmarks_{modality}"
         )
