@@ -224,33 +224,63 @@ def test_killed_run_resumes_to_identical_outputs(tmp_path):
     assert [r["score_max"] for r in ref_rows] == [r["score_max"] for r in new_rows]
 
 
-def test_skip_bad_images_scores_the_rest(tmp_path, capsys):
-    """--skip-bad-images: a corrupt and a NaN image are listed as skipped, the other five scored,
-    exit 1; without the flag the same data stops with 65 and points to the flag; a fixed image
-    rejoins the batch on the rerun."""
+@pytest.fixture(scope="module")
+def skip_run(tmp_path_factory):
+    """Seven subjects, sub-02 corrupt and sub-05 with an Inf voxel: a run without and one with
+    --skip-bad-images (stderr of the first kept)."""
+    tmp_path = tmp_path_factory.mktemp("skip")
     subjects = ["01", "02", "03", "04", "05", "06", "07"]
     paths = make_bids_dataset(tmp_path / "bids", subjects=subjects, modalities=("T1w",), seed=6)
-    anat = tmp_path / "bids" / "sub-{s}" / "anat" / "sub-{s}_T1w.nii.gz"
-    good = Path(str(anat).format(s="02")).read_bytes()
-    Path(str(anat).format(s="02")).write_bytes(b"not a nifti")
-    img = nib.load(str(anat).format(s="05"))
+    anat = str(tmp_path / "bids" / "sub-{s}" / "anat" / "sub-{s}_T1w.nii.gz")
+    good = Path(anat.format(s="02")).read_bytes()
+    Path(anat.format(s="02")).write_bytes(b"not a nifti")
+    img = nib.load(anat.format(s="05"))
     data = np.asarray(img.dataobj).astype(np.float32)
     data[2, 2, 2] = np.inf
-    nib.save(nib.Nifti1Image(data, img.affine), str(anat).format(s="05"))
+    nib.save(nib.Nifti1Image(data, img.affine), anat.format(s="05"))
     common = ["-d", f"masks={paths['masks_dir']}", "--modality", "T1w"]
+    cmd = [sys.executable, "-m", "cg3d_bids", str(tmp_path / "bids"), str(tmp_path / "stop"), "group",
+           "-w", str(tmp_path / "work"), *FAST, *common]
+    stopped = subprocess.run(cmd, capture_output=True, text=True)
+    status = run_cg3d(tmp_path / "bids", tmp_path / "out", tmp_path / "work", *common, "--skip-bad-images")
+    return {"root": tmp_path, "subjects": subjects, "anat": anat, "good": good, "common": common,
+            "stopped": stopped, "status": status}
 
-    assert run_cg3d(tmp_path / "bids", tmp_path / "stop", tmp_path / "work", *common) == 65
-    assert "--skip-bad-images" in capsys.readouterr().err
 
-    assert run_cg3d(tmp_path / "bids", tmp_path / "out", tmp_path / "work", *common, "--skip-bad-images") == 1
+def test_without_skip_bad_images_bad_data_stops_and_points_to_the_flag(skip_run):
+    assert skip_run["stopped"].returncode == 65
+    assert "--skip-bad-images" in skip_run["stopped"].stderr
+    assert not (skip_run["root"] / "stop").exists()
+
+
+def test_every_report_opens_cleanly_in_chromium(plain_run, skip_run):
+    """Every HTML report of two end-to-end runs (one with skipped images) in headless Chromium:
+    no console error, no broken image, no network request, not blank."""
+    from cg3d_bids.reports.browser import check_report, find_chromium
+
+    if find_chromium() is None:
+        print("chromium not found: apt-get install chromium")
+        pytest.skip("chromium not found: apt-get install chromium")
+    pages = sorted((plain_run["root"] / "out").glob("*.html")) + sorted((skip_run["root"] / "out").glob("*.html"))
+    assert len(pages) == len(SUBJECTS) + 2 + len(skip_run["subjects"]) + 1
+    for page in pages:
+        check = check_report(page)
+        assert check.ok, check.summary()
+
+
+def test_skip_bad_images_scores_the_rest(skip_run):
+    """--skip-bad-images: the corrupt and the Inf image are listed as skipped, the other five
+    scored, exit 1; a fixed image rejoins the batch on the rerun."""
+    tmp_path, subjects, anat = skip_run["root"], skip_run["subjects"], skip_run["anat"]
+    assert skip_run["status"] == 1
     rows = {r["participant_id"]: r for r in read_tsv(tmp_path / "out" / "group_T1w.tsv")}
     assert list(rows) == [f"sub-{s}" for s in subjects]
     assert {k for k, r in rows.items() if r["status"] == "skipped"} == {"sub-02", "sub-05"}
     assert "sub-02_T1w.nii.gz" in rows["sub-02"]["error"] and "sub-05_T1w.nii.gz" in rows["sub-05"]["error"]
     assert sorted(int(r["rank"]) for r in rows.values() if r["status"] == "ok") == [1, 2, 3, 4, 5]
-    anat_out = tmp_path / "out" / "sub-{s}" / "anat" / "sub-{s}_label-anomaly_desc-T1w_probseg.nii.gz"
-    assert not Path(str(anat_out).format(s="02")).exists()
-    assert Path(str(anat_out).format(s="03")).exists()
+    anat_out = str(tmp_path / "out" / "sub-{s}" / "anat" / "sub-{s}_label-anomaly_desc-T1w_probseg.nii.gz")
+    assert not Path(anat_out.format(s="02")).exists()
+    assert Path(anat_out.format(s="03")).exists()
     assert "skipped" in (tmp_path / "out" / "sub-02.html").read_text()
     assert "skipped" in (tmp_path / "out" / "group_T1w.html").read_text()
     with np.load(next((tmp_path / "work" / "scores" / "T1w").glob("*.npz"))) as scores:
@@ -260,11 +290,12 @@ def test_skip_bad_images_scores_the_rest(tmp_path, capsys):
     n_errors, messages = validate_derivatives(tmp_path / "out")
     assert n_errors == 0, messages
 
-    Path(str(anat).format(s="02")).write_bytes(good)
-    assert run_cg3d(tmp_path / "bids", tmp_path / "out", tmp_path / "work", *common, "--skip-bad-images") == 1
+    Path(anat.format(s="02")).write_bytes(skip_run["good"])
+    assert run_cg3d(tmp_path / "bids", tmp_path / "out", tmp_path / "work", *skip_run["common"],
+                    "--skip-bad-images") == 1
     rows = {r["participant_id"]: r for r in read_tsv(tmp_path / "out" / "group_T1w.tsv")}
     assert [k for k, r in rows.items() if r["status"] != "ok"] == ["sub-05"]
-    assert Path(str(anat_out).format(s="02")).exists()
+    assert Path(anat_out.format(s="02")).exists()
 
 
 @contextmanager
