@@ -104,7 +104,7 @@ LABEL org.opencontainers.image.title="cg3d" \
       org.opencontainers.image.vendor="cg3d developers" \
       org.opencontainers.image.base.name="${BASE_IMAGE}" \
       org.bids-apps.analysis-levels="participant group" \
-      org.bids-apps.boutiques-descriptor="/opt/venv/bin/cg3d --bids-exec-spec . . group" \
+      org.bids-apps.boutiques-descriptor="/opt/venv/bin/cg3d --bids-exec-spec" \
       org.cg3d.encoder="${ENCODER}" \
       org.cg3d.weights-manifest="/opt/cg3d/models/manifest.json"
 

@@ -203,7 +203,7 @@ version_out=$("${ENG[@]}" run "${SANDBOX[@]}" "$TAG" --version) || die "cg3d --v
 log "  $version_out"
 
 log "cg3d --bids-exec-spec (Boutiques descriptor)"
-"${ENG[@]}" run "${SANDBOX[@]}" "$TAG" --bids-exec-spec /tmp /tmp/out group > "$OUT/descriptor.json" \
+"${ENG[@]}" run "${SANDBOX[@]}" "$TAG" --bids-exec-spec > "$OUT/descriptor.json" \
   || die "--bids-exec-spec failed"
 python3 - "$OUT/descriptor.json" <<'EOF' || die "--bids-exec-spec did not print a Boutiques descriptor"
 import json, sys

@@ -29,6 +29,10 @@ def test_help_states_defaults_and_sources(capsys):
     for needle in ("default: 224", "default: 0.3", "default: 128", "[paper", "[MuSc code", "--device",
                    "Performance", "Selecting the data"):
         assert needle in text, needle
+    flat = " ".join(text.split())
+    for noise in ("(default: None)", "(default: False)", "(default: True)", "(default: {})"):
+        assert noise not in flat, noise  # nothing unset, no flag values
+    assert "[method.md] (default: 0)" in flat  # a zero default is still a default
 
 
 def test_version(capsys):

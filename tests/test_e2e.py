@@ -296,6 +296,10 @@ def test_skip_bad_images_scores_the_rest(skip_run):
     rows = {r["participant_id"]: r for r in read_tsv(tmp_path / "out" / "group_T1w.tsv")}
     assert [k for k, r in rows.items() if r["status"] != "ok"] == ["sub-05"]
     assert Path(anat_out.format(s="02")).exists()
+    # participant level: a call whose own image is skipped fails, the others succeed
+    for sub, expected in (("05", 1), ("03", 0)):
+        assert run_cg3d(tmp_path / "bids", tmp_path / "out", tmp_path / "work", *skip_run["common"],
+                        "--skip-bad-images", "--participant-label", sub, level="participant") == expected
 
 
 @contextmanager

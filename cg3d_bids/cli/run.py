@@ -256,6 +256,13 @@ def _run(cfg: RunConfig) -> int:
                       for mod in records}
     _run_workflow(cfg, config_file, records, cohort_records, provenance)
     if cfg.analysis_level != "group":
+        chosen = {rec["bids_name"] for recs in records.values() for rec in recs}
+        skipped = sorted(p.stem for p in (cfg.work_dir / "skipped" / str(cfg.run_id)).glob("*.json")
+                         if p.stem in chosen)
+        if skipped:
+            LOGGER.error("%d image(s) skipped as bad data: %s (the group level lists them as skipped)",
+                         len(skipped), ", ".join(skipped))
+            return EXIT_FAILURE
         LOGGER.info("participant level done: tokens cached in %s; run the group level next", cfg.work_dir)
         return 0
     _write_dataset_files(cfg)
@@ -354,7 +361,7 @@ def _run_workflow(cfg: RunConfig, config_file: Path, records, cohort_records, pr
     except Exception as exc:
         _raise_recorded_error(cfg, exc)
     LOGGER.info("workflow finished in %.1f s", time.monotonic() - t0)
-    shutil.rmtree(nipype_dir, ignore_errors=True)  # kept after a failure, for its crash files
+    shutil.rmtree(nipype_dir, ignore_errors=True)  # kept after a failure, for debugging
 
 
 def read_plugin_file(path: Path) -> tuple[str, dict[str, Any]]:

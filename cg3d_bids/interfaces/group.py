@@ -60,10 +60,11 @@ class WriteSubjectReports(SimpleInterface):
     def _run_interface(self, runtime):
         from ..workflows.group import write_subject_reports
 
+        subjects = list(self.inputs.subjects) if isdefined(self.inputs.subjects) else None
         try:
             self._results["reports"] = write_subject_reports(
                 list(self.inputs.group_files), load_config(self.inputs.config_file),
-                json.loads(self.inputs.provenance), subjects=list(self.inputs.subjects) if isdefined(self.inputs.subjects) else None,
+                json.loads(self.inputs.provenance), subjects=subjects,
             )
         except Exception as exc:
             record_error(self.inputs.config_file, exc, "subject-reports")

@@ -121,6 +121,7 @@ def prepare_or_skip(record: dict[str, Any], cfg: RunConfig) -> str:
         LOGGER.warning("skipping %s (--skip-bad-images): %s", record["bids_name"], message)
         skipped = {"bids_name": record["bids_name"], "status": "skipped", "error": message}
         write_json(result_path(record, cfg), skipped)
+        write_json(Path(cfg.work_dir) / "skipped" / str(cfg.run_id) / f"{record['bids_name']}.json", skipped)
         out = _stage_dir(cfg, "prep", record["modality"]) / f"{record['bids_name']}_skipped.json"
         write_json(out, skipped)
         return str(out)
