@@ -362,8 +362,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Parse and check the command line; exit 64 on usage errors and 17 on an unknown level."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.bids_exec_spec:
-        return args
     if args.analysis_level not in LEVELS:
         parser.print_usage(sys.stderr)
         parser.exit(

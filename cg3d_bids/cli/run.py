@@ -374,7 +374,8 @@ def read_plugin_file(path: Path) -> tuple[str, dict[str, Any]]:
         spec = yaml.safe_load(Path(path).read_text()) or {}
     except yaml.YAMLError as exc:
         raise UsageError(f"--use-plugin is not valid YAML: {exc}", path=path, fix=f"write e.g.\n{example}") from exc
-    if not isinstance(spec, dict) or not isinstance(spec.get("plugin_args", {}) or {}, dict):
+    plugin_args = (spec.get("plugin_args") or {}) if isinstance(spec, dict) else None
+    if not isinstance(plugin_args, dict):
         raise UsageError("--use-plugin must hold a mapping with 'plugin' and 'plugin_args'", path=path,
                          fix=f"write e.g.\n{example}")
     name = str(spec.get("plugin", "MultiProc"))
@@ -382,7 +383,7 @@ def read_plugin_file(path: Path) -> tuple[str, dict[str, Any]]:
         known = sorted(n[: -len("Plugin")] for n in dir(plugins) if n.endswith("Plugin") and n != "Plugin")
         raise UsageError(f"--use-plugin names an unknown nipype plugin {name!r}", path=path,
                          fix=f"use one of {', '.join(known)}")
-    return name, dict(spec.get("plugin_args", {}) or {})
+    return name, dict(plugin_args)
 
 
 def _plugin(cfg: RunConfig, nprocs: int, use_gpu: bool) -> tuple[str, dict[str, Any]]:
@@ -407,12 +408,11 @@ def _raise_recorded_error(cfg: RunConfig, exc: Exception) -> None:
     if errors:
         info = json.loads(errors[0].read_text())
         message = info["message"]
+        exit_code = int(info.get("exit_code", EXIT_FAILURE))
+        if exit_code == EXIT_DATAERR and not cfg.skip_bad_images:
+            message += "\n  or: rerun with --skip-bad-images to score the other images and list this one as skipped"
         error = Base(message)
-        error.exit_code = int(info.get("exit_code", EXIT_FAILURE))
-        if error.exit_code == EXIT_DATAERR and not cfg.skip_bad_images:
-            error = Base(message + "\n  or: rerun with --skip-bad-images to score the other images "
-                         "and list this one as skipped")
-            error.exit_code = EXIT_DATAERR
+        error.exit_code = exit_code
         if "OutOfMemoryError" in info.get("type", "") or "out of memory" in info["message"]:
             raise TempFailError("the GPU ran out of memory: " + info["message"],
                                 fix="lower --slice-batch (e.g. 32) or --score-chunk-mb")

@@ -108,8 +108,9 @@ def result_path(record: dict[str, Any], cfg: RunConfig) -> Path:
 def prepare_or_skip(record: dict[str, Any], cfg: RunConfig) -> str:
     """:func:`prepare_image`; with ``cfg.skip_bad_images``, an image whose data cannot be used
     (:class:`InputDataError`: corrupt, 4D, NaN/Inf, empty or unmappable mask) is left out of the
-    batch instead of stopping the run: its result is written as ``skipped`` with the reason, and
-    the returned prep file says ``"status": "skipped"`` so that later stages leave it out."""
+    batch instead of stopping the run: its result is written as ``skipped`` with the reason and
+    returned in place of the prep file (``"status": "skipped"`` tells later stages to leave it
+    out); a per-run copy lets a ``participant`` call report its own skipped images."""
     from ..errors import InputDataError
 
     try:
@@ -120,9 +121,8 @@ def prepare_or_skip(record: dict[str, Any], cfg: RunConfig) -> str:
         message = exc.render()
         LOGGER.warning("skipping %s (--skip-bad-images): %s", record["bids_name"], message)
         skipped = {"bids_name": record["bids_name"], "status": "skipped", "error": message}
-        write_json(result_path(record, cfg), skipped)
         write_json(Path(cfg.work_dir) / "skipped" / str(cfg.run_id) / f"{record['bids_name']}.json", skipped)
-        out = _stage_dir(cfg, "prep", record["modality"]) / f"{record['bids_name']}_skipped.json"
+        out = result_path(record, cfg)
         write_json(out, skipped)
         return str(out)
 
