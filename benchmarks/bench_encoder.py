@@ -28,8 +28,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cg3d_bids.models.encoders import SliceEncoder, get_spec, resolve_precision  # noqa: E402
-from cg3d_bids.tokens import tokenize_volume  # noqa: E402
+from cg3d_bids.core.models.encoders import SliceEncoder, get_spec, resolve_precision  # noqa: E402
+from cg3d_bids.core.tokens import tokenize_volume  # noqa: E402
 
 SHORT = {"s": "dinov2_vits14", "b": "dinov2_vitb14", "l": "dinov2_vitl14", "g": "dinov2_vitg14",
          "clip": "clip_vitl14"}

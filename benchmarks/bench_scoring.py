@@ -75,7 +75,7 @@ def matmul_gflops(device: str, size: int = 4096, repeats: int = 3) -> float:
 
 
 def run_ours(args: argparse.Namespace) -> dict:
-    from cg3d_bids.scoring import codegraph_scores, mutual_scores
+    from cg3d_bids.core.scoring import codegraph_scores, mutual_scores
 
     warnings.simplefilter("ignore")
     fn = codegraph_scores if args.child == "codegraph" else mutual_scores

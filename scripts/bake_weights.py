@@ -13,13 +13,13 @@ For each encoder name it downloads ``model.safetensors`` of the timm repository 
 * with ``--sha256`` (one value per encoder, same order, space or comma separated), also checks it
   against that pinned value, so a rebuild cannot silently pick up changed weights;
 
-and copies it to ``<dest>/<encoder name>.safetensors`` (the name ``cg3d_bids.models.encoders``
+and copies it to ``<dest>/<encoder name>.safetensors`` (the name ``cg3d_bids.core.models.encoders``
 looks for under ``$CG3D_WEIGHTS_DIR``). ``<dest>/manifest.json`` records, per encoder, the timm
 name, repository, resolved commit, file name, size, sha256 and download time. ``--bake 0`` writes
 an empty manifest and downloads nothing (offline smoke builds). Any mismatch exits 1 with a clear
 message, which fails the image build. Needs network access to the hub during the build only.
 Standard library + huggingface_hub; does not import cg3d_bids (the table below is checked against
-``cg3d_bids.models.encoders`` by tests/test_containers.py when that module is importable).
+``cg3d_bids.core.models.encoders`` by tests/test_containers.py when that module is importable).
 """
 
 from __future__ import annotations

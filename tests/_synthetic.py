@@ -29,7 +29,7 @@ def brain_in_box(size: int = H, lo=(8, 16, 20), hi=(40, 48, 44), seed: int = 0):
 
 @lru_cache(maxsize=4)
 def tiny_encoder(name: str = "test-tiny-vit", img_size: int = H):
-    from cg3d_bids.models import create_encoder
+    from cg3d_bids.core.models import create_encoder
 
     return create_encoder(name, img_size=img_size)
 

@@ -420,9 +420,9 @@ def test_boutiques_flags_that_exit(capsys, descriptor):
 
 
 def test_descriptor_encoders_match_the_encoder_registry(descriptor):
-    encoders = pytest.importorskip("cg3d_bids.models.encoders", reason="encoder module not written yet")
+    encoders = pytest.importorskip("cg3d_bids.core.models.encoders", reason="encoder module not written yet")
     if not hasattr(encoders, "list_encoders"):
-        pytest.skip("cg3d_bids.models.encoders has no list_encoders() yet")
+        pytest.skip("cg3d_bids.core.models.encoders has no list_encoders() yet")
     by_id = {item["id"]: item for item in descriptor["inputs"]}
     names = set(encoders.list_encoders()) | {getattr(encoders, "TEST_ENCODER", "test-tiny-vit")}
     assert set(by_id["Encoder"]["value-choices"]) == names
@@ -504,10 +504,10 @@ def test_bake_weights_table_matches_the_encoder_registry():
     bake = _load_bake_weights()
     assert bake.TIMM_NAMES["dinov2_vitl14"] == "vit_large_patch14_dinov2.lvd142m"
     assert bake.TIMM_NAMES["clip_vitl14"] == "vit_large_patch14_clip_224.openai"
-    encoders = pytest.importorskip("cg3d_bids.models.encoders", reason="encoder module not written yet")
+    encoders = pytest.importorskip("cg3d_bids.core.models.encoders", reason="encoder module not written yet")
     registry = getattr(encoders, "ENCODERS", None) or getattr(encoders, "REGISTRY", None)
     if not isinstance(registry, dict):
-        pytest.skip("no ENCODERS/REGISTRY dict in cg3d_bids.models.encoders to compare with")
+        pytest.skip("no ENCODERS/REGISTRY dict in cg3d_bids.core.models.encoders to compare with")
     for name, spec in registry.items():
         if getattr(spec, "timm_name", None):
             assert bake.TIMM_NAMES.get(name) == spec.timm_name, name

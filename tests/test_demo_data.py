@@ -17,7 +17,7 @@ import pytest
 
 from cg3d_bids.demo_data import copy_demo_dataset, demo_dataset_path
 from cg3d_bids.errors import CantCreateError
-from cg3d_bids.preprocessing import load_image, map_mask_to_image
+from cg3d_bids.core.preprocessing import load_image, map_mask_to_image
 
 DEMO = demo_dataset_path()
 REPO = Path(__file__).resolve().parents[1]

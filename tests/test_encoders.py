@@ -15,7 +15,7 @@ import torch
 from _synthetic import single_torch_thread  # noqa: F401 (autouse fixture)
 from _synthetic import H, tiny_encoder
 from cg3d_bids.errors import UsageError, WeightsUnavailableError
-from cg3d_bids.models import (
+from cg3d_bids.core.models import (
     ENCODERS,
     RANDOM_INIT_SOURCE,
     TEST_ENCODER,
@@ -29,8 +29,8 @@ from cg3d_bids.models import (
     resolve_precision,
     resolve_weights,
 )
-from cg3d_bids.models import encoders as encoders_mod
-from cg3d_bids.models import weights as weights_mod
+from cg3d_bids.core.models import encoders as encoders_mod
+from cg3d_bids.core.models import weights as weights_mod
 
 timm = pytest.importorskip("timm")
 
@@ -350,7 +350,7 @@ def test_test_encoder_accepts_a_weights_file(tmp_path):
 
 
 def test_models_package_exports():
-    import cg3d_bids.models as models
+    import cg3d_bids.core.models as models
 
     for name in ("create_encoder", "list_encoders", "encoder_info", "resolve_weights", "TEST_ENCODER"):
         assert hasattr(models, name)

@@ -1,4 +1,4 @@
-"""Evaluation metrics (cg3d_bids.evaluation) and the ``cg3d evaluate`` command (cg3d_bids.cli.evaluate)."""
+"""Evaluation metrics (cg3d_bids.core.metrics) and the ``cg3d evaluate`` command (cg3d_bids.cli.evaluate)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import pytest
 from sklearn.metrics import average_precision_score, roc_auc_score
 
 from cg3d_bids.cli import evaluate as ev
-from cg3d_bids.evaluation import (
+from cg3d_bids.core.metrics import (
     LesionRecord,
     MetricWarning,
     VoxelHistogram,

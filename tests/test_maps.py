@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from cg3d_bids.maps import average_layers, connected_components, subject_summary, token_map_to_cube
+from cg3d_bids.core.maps import average_layers, connected_components, subject_summary, token_map_to_cube
 
 G, P = 4, 14
 H = G * P

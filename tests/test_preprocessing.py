@@ -15,7 +15,7 @@ import pytest
 
 from cg3d_bids.demo_data import demo_dataset_path
 from cg3d_bids.errors import InputDataError, NoInputError
-from cg3d_bids.preprocessing import (
+from cg3d_bids.core.preprocessing import (
     PERCENTILES,
     cube_to_native,
     landmarks_from_percentiles,
@@ -355,8 +355,8 @@ def test_nyul_ties_and_constant():
 def test_skullstrip_missing_deepbet(monkeypatch):
     import sys
 
-    from cg3d_bids.preprocessing import skullstrip as skullstrip_fn
-    from cg3d_bids.preprocessing.skullstrip import SkullstripUnavailableError, _extractor
+    from cg3d_bids.core.preprocessing import skullstrip as skullstrip_fn
+    from cg3d_bids.core.preprocessing.skullstrip import SkullstripUnavailableError, _extractor
 
     _extractor.cache_clear()
     monkeypatch.setitem(sys.modules, "deepbet", None)
@@ -371,7 +371,7 @@ def test_skullstrip_deepbet_on_4mm_image():
         import deepbet  # noqa: F401
     except ImportError as exc:
         pytest.skip(f"deepbet not importable ({exc}); pip install 'cg3d-bids[skullstrip]'")
-    from cg3d_bids.preprocessing import skullstrip
+    from cg3d_bids.core.preprocessing import skullstrip
 
     image = load_image(demo_image("healthyixi012"))
     mask = skullstrip(image)

@@ -12,14 +12,14 @@ import torch
 from scipy.spatial.distance import cdist
 from sklearn.metrics import roc_auc_score
 
-from cg3d_bids.scoring import (
+from cg3d_bids.core.scoring import (
     CodeGraphResult,
     CodeGraphSettings,
     SmallBatchWarning,
     codegraph_scores,
     mutual_scores,
 )
-from cg3d_bids.scoring import codegraph as cg
+from cg3d_bids.core.scoring import codegraph as cg
 
 
 # ------------------------------------------------------------------------------------------------

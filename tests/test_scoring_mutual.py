@@ -12,7 +12,7 @@ import torch
 from scipy.spatial.distance import cdist
 
 from cg3d_bids.errors import BatchTooSmallError, DeviceUnavailableError
-from cg3d_bids.scoring import (
+from cg3d_bids.core.scoring import (
     SmallBatchWarning,
     min_distance_table,
     minimum_batch_size,
@@ -20,7 +20,7 @@ from cg3d_bids.scoring import (
     mutual_scores,
     sorted_msv,
 )
-from cg3d_bids.scoring import mutual as mutual_module
+from cg3d_bids.core.scoring import mutual as mutual_module
 
 
 # ------------------------------------------------------------------------------------------------

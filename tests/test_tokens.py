@@ -9,8 +9,8 @@ import pytest
 from _synthetic import single_torch_thread  # noqa: F401 (autouse fixture)
 from _synthetic import G, P, brain_in_box, structured_cube, tiny_encoder
 from cg3d_bids.errors import InputDataError, UsageError
-from cg3d_bids.projection import projection_matrix, projection_tensor
-from cg3d_bids.tokens import AXES, TokenSet, batch_slices_for_memory, token_validity, tokenize_volume
+from cg3d_bids.core.projection import projection_matrix, projection_tensor
+from cg3d_bids.core.tokens import AXES, TokenSet, batch_slices_for_memory, token_validity, tokenize_volume
 
 
 def test_shapes_validity_and_provenance():

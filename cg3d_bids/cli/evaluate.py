@@ -29,7 +29,7 @@ Which images count
     * images with neither count as healthy (patient label 0, every brain voxel negative) only with
       ``--healthy-without-mask``; otherwise they are excluded from every metric and listed.
 
-Metrics (per modality, :mod:`cg3d_bids.evaluation`): patient AUROC/AP; voxel AUROC, AP, Dice-max,
+Metrics (per modality, :mod:`cg3d_bids.core.metrics`): patient AUROC/AP; voxel AUROC, AP, Dice-max,
 its threshold and IoU over the pooled brain voxels (label-brain masks) of all evaluated images, one
 threshold for the batch; lesion-wise TPR by lesion volume (< 100, 100-1000, > 1000 mm^3, lesions =
 26-connected components of mask ∩ brain on the probseg grid; detected when any voxel is predicted),
@@ -58,7 +58,7 @@ import numpy as np
 from .. import __version__
 from ..atomic import write_json, write_text
 from ..errors import Cg3dError, InputDataError, NoInputError, NoMatchError
-from ..evaluation import (
+from ..core.metrics import (
     DEFAULT_N_BINS,
     DEFAULT_SIZE_EDGES,
     LesionRecord,

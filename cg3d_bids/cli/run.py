@@ -295,7 +295,7 @@ def _check_batch_sizes(cfg: RunConfig, images: dict[str, list]) -> None:
 
 
 def _resolve_weights(cfg: RunConfig) -> None:
-    from ..models import resolve_weights
+    from ..core.models import resolve_weights
 
     info = resolve_weights(cfg.encoder, weights=cfg.weights, allow_download=cfg.allow_download)
     cfg.weights_sha256 = info.sha256
@@ -303,7 +303,7 @@ def _resolve_weights(cfg: RunConfig) -> None:
 
 
 def _provenance(cfg: RunConfig) -> dict[str, Any]:
-    from ..models import encoder_info
+    from ..core.models import encoder_info
 
     info = encoder_info(cfg.encoder)
     layers = list(cfg.layers or info["default_layers"])

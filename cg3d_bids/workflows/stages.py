@@ -31,7 +31,7 @@ from ..config import SCORE_SETTINGS, TOKEN_SETTINGS, RunConfig
 
 LOGGER = logging.getLogger("cg3d")
 
-from ..preprocessing.nyul import PERCENTILES as NYUL_PERCENTILES  # 1, 10, ..., 90, 99 [method.md §1.4]
+from ..core.preprocessing.nyul import PERCENTILES as NYUL_PERCENTILES  # 1, 10, ..., 90, 99 [method.md §1.4]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -72,7 +72,7 @@ def _stage_dir(cfg: RunConfig, stage: str, modality: str) -> Path:
 # 1. prepare
 def load_inputs(record: dict[str, Any], cfg: RunConfig):
     """Native image, canonical (RAS) image and brain mask on the canonical grid."""
-    from ..preprocessing import load_image_pair, load_mask_for_image, nonzero_mask
+    from ..core.preprocessing import load_image_pair, load_mask_for_image, nonzero_mask
 
     native, canonical = load_image_pair(record["image_path"])
     if cfg.mask_source == "derivatives":
@@ -88,7 +88,7 @@ def _skullstrip_cached(record: dict[str, Any], canonical, cfg: RunConfig) -> np.
     """deepbet mask on the canonical grid, cached in the work dir by image content."""
     import nibabel as nib
 
-    from ..preprocessing import skullstrip
+    from ..core.preprocessing import skullstrip
 
     cache = _stage_dir(cfg, "skullstrip", record["modality"]) / (
         f"{record['bids_name']}_{file_sha256(record['image_path'])[:16]}.nii.gz"
@@ -129,8 +129,8 @@ def prepare_or_skip(record: dict[str, Any], cfg: RunConfig) -> str:
 
 def prepare_image(record: dict[str, Any], cfg: RunConfig) -> str:
     """Brain-intensity percentiles of the image's cube (cached JSON); returns its path."""
-    from ..preprocessing import make_cube
-    from ..preprocessing.nyul import image_landmarks
+    from ..core.preprocessing import make_cube
+    from ..core.preprocessing.nyul import image_landmarks
 
     key = input_key(record, cfg)
     out = _stage_dir(cfg, "prep", record["modality"]) / f"{record['bids_name']}_{key}.json"
@@ -160,7 +160,7 @@ def prepare_image(record: dict[str, Any], cfg: RunConfig) -> str:
 # 2. landmarks
 def compute_landmarks(prep_paths: list[str], modality: str, cfg: RunConfig) -> str:
     """Nyul standard landmarks learned from every prepared image of the modality."""
-    from ..preprocessing.nyul import landmarks_from_percentiles
+    from ..core.preprocessing.nyul import landmarks_from_percentiles
 
     preps = [json.loads(Path(p).read_text()) for p in sorted(prep_paths)]
     preps = [p for p in preps if p.get("status") != "skipped"]
@@ -197,7 +197,7 @@ def token_path(record: dict[str, Any], landmarks_path: str, cfg: RunConfig) -> P
 
 def tokenize_images(records: list[dict[str, Any]], landmarks_path: str, cfg: RunConfig) -> list[str]:
     """Tokens of each image (cached); the encoder is built once for all missing images."""
-    from ..tokens import tokenize_volume
+    from ..core.tokens import tokenize_volume
 
     landmarks = json.loads(Path(landmarks_path).read_text())
     usable = set(landmarks["images"])  # images skipped as bad data are not in it
@@ -230,8 +230,8 @@ def tokenize_images(records: list[dict[str, Any]], landmarks_path: str, cfg: Run
 
 def standardised_cube(record: dict[str, Any], landmarks: dict[str, Any], cfg: RunConfig):
     """The image's cube and its Nyul-standardised intensities (what the encoder sees)."""
-    from ..preprocessing import make_cube
-    from ..preprocessing.nyul import standardise
+    from ..core.preprocessing import make_cube
+    from ..core.preprocessing.nyul import standardise
 
     _native, canonical, mask = load_inputs(record, cfg)
     cube = make_cube(canonical, mask, size=cfg.cube_size, fov_mm=cfg.fov_mm, warn_outside=False)
@@ -259,7 +259,7 @@ def _prefetched_cubes(records: list[dict[str, Any]], landmarks: dict[str, Any], 
 
 def build_encoder(cfg: RunConfig):
     """The configured encoder on the configured device."""
-    from ..models import create_encoder
+    from ..core.models import create_encoder
 
     return create_encoder(
         cfg.encoder, weights=cfg.weights, img_size=cfg.cube_size, layers=cfg.layers,
@@ -289,7 +289,7 @@ def load_tokens(path: str | os.PathLike) -> dict[str, np.ndarray]:
 # 4. scores
 def score_batch(token_paths: list[str], modality: str, cfg: RunConfig) -> str:
     """Scores of every token of every image, per layer then averaged; cached npz."""
-    from ..scoring import CodeGraphSettings, codegraph_scores, mutual_scores
+    from ..core.scoring import CodeGraphSettings, codegraph_scores, mutual_scores
 
     token_paths = [p for p in token_paths if p]  # "": image skipped as bad data
     names = [Path(p).name for p in token_paths]
@@ -376,8 +376,8 @@ def write_image_outputs(
     """
     from ..bids.derivatives import anomaly_mask_sidecar, brain_mask_sidecar, probseg_sidecar
     from ..bids.naming import output_paths
-    from ..maps import subject_summary, token_map_to_cube
-    from ..preprocessing import cube_to_native
+    from ..core.maps import subject_summary, token_map_to_cube
+    from ..core.preprocessing import cube_to_native
 
     out = result_path(record, cfg)
     if not token_file:

@@ -28,7 +28,7 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
-from ..errors import InputDataError, NoInputError
+from ...errors import InputDataError, NoInputError
 
 LOGGER = logging.getLogger("cg3d")
 

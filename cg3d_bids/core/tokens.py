@@ -32,7 +32,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .errors import InputDataError, UsageError
+from ..errors import InputDataError, UsageError
 from .projection import projection_tensor
 
 __all__ = ["AXES", "TokenSet", "batch_slices_for_memory", "token_validity", "tokenize_volume"]
@@ -98,7 +98,7 @@ def tokenize_volume(
     Args:
         cube: ``(H, H, H)`` float intensities in [0, 1], RAS voxel order, background 0.
         mask: ``(H, H, H)`` brain mask (token validity).
-        encoder: a :class:`cg3d_bids.models.SliceEncoder` built with ``img_size=H``.
+        encoder: a :class:`cg3d_bids.core.models.SliceEncoder` built with ``img_size=H``.
         projection_dim: k (tokens get 3k dims).
         seed: seed of the projection matrix.
         device: where encoding, pooling and projection run; default the encoder's (the encoder

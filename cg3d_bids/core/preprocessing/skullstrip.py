@@ -19,7 +19,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from ..errors import EXIT_UNAVAILABLE, Cg3dError, InputDataError
+from ...errors import EXIT_UNAVAILABLE, Cg3dError, InputDataError
 from .io import load_native, source_name
 
 INSTALL_HINT = "pip install 'cg3d-bids[skullstrip]'  (or: pip install deepbet)"
@@ -60,7 +60,7 @@ def skullstrip(image: str | os.PathLike | nib.spatialimages.SpatialImage, *, dev
                threshold: float = 0.5) -> np.ndarray:
     """Bool brain mask on the grid of ``image`` as given.
 
-    A path is loaded (and validated) with :func:`~cg3d_bids.preprocessing.io.load_native`, so the
+    A path is loaded (and validated) with :func:`~cg3d_bids.core.preprocessing.io.load_native`, so the
     mask is on the file's own grid; pass ``load_image(path)`` to get it on the canonical grid.
     Raises :class:`SkullstripUnavailableError` (exit 69) without deepbet and
     :class:`InputDataError` when deepbet fails or finds no brain.

@@ -20,7 +20,7 @@ from .io import (
 from .nyul import PERCENTILES, landmarks_from_percentiles, learn_landmarks, standardise
 
 # The submodule imports deepbet only when called. Importing it here, *then* binding the function,
-# keeps ``cg3d_bids.preprocessing.skullstrip`` the function (a lazy first import of the submodule
+# keeps ``cg3d_bids.core.preprocessing.skullstrip`` the function (a lazy first import of the submodule
 # would rebind the package attribute to the module).
 from .skullstrip import SkullstripUnavailableError, require_deepbet, skullstrip  # noqa: E402
 

@@ -1,4 +1,4 @@
-"""Frozen 2D ViT encoders (timm) and their weights; see :mod:`cg3d_bids.models.encoders`."""
+"""Frozen 2D ViT encoders (timm) and their weights; see :mod:`cg3d_bids.core.models.encoders`."""
 
 from .encoders import (
     DEFAULT_ENCODER,

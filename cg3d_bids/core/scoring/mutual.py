@@ -38,7 +38,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..errors import BatchTooSmallError, DeviceUnavailableError
+from ...errors import BatchTooSmallError, DeviceUnavailableError
 
 #: Below this batch size the paper (Table 5) reports degraded, high-variance results.
 WARN_BELOW_BATCH = 15

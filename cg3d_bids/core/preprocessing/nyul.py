@@ -29,7 +29,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from ..errors import InputDataError
+from ...errors import InputDataError
 
 #: Landmark percentiles [method.md §1.4].
 PERCENTILES: tuple[int, ...] = (1, 10, 20, 30, 40, 50, 60, 70, 80, 90, 99)

@@ -476,7 +476,7 @@ def codegraph_scores(
     return_details : bool, default False
         Also return a :class:`CodeGraphResult`.
     chunk_size, block_mb : optional
-        Distance-block size, as in :func:`~cg3d_bids.scoring.mutual_scores`.
+        Distance-block size, as in :func:`~cg3d_bids.core.scoring.mutual_scores`.
 
     Returns
     -------

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..errors import WeightsUnavailableError
+from ...errors import WeightsUnavailableError
 
 if TYPE_CHECKING:  # pragma: no cover
     from .encoders import EncoderSpec

@@ -21,7 +21,7 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
-from ..errors import InputDataError
+from ...errors import InputDataError
 from .io import source_name
 
 LOGGER = logging.getLogger("cg3d")

@@ -36,7 +36,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import DeviceUnavailableError, UsageError, WeightsUnavailableError
+from ...errors import DeviceUnavailableError, UsageError, WeightsUnavailableError
 from .weights import WeightsInfo, resolve_spec_weights
 
 __all__ = [
@@ -139,7 +139,7 @@ def encoder_info(name: str) -> dict[str, Any]:
 def resolve_weights(
     name: str, weights: str | os.PathLike | None = None, allow_download: bool | None = None
 ) -> WeightsInfo:
-    """Locate the weights of encoder ``name`` (see :mod:`cg3d_bids.models.weights`)."""
+    """Locate the weights of encoder ``name`` (see :mod:`cg3d_bids.core.models.weights`)."""
     return resolve_spec_weights(get_spec(name), weights, allow_download)
 
 
