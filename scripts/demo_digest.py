@@ -12,7 +12,7 @@ What is digested, and how:
 - JSON (sidecars, ``group_<mod>.json``, ``dataset_description.json``): the parsed content, with
   run-specific values dropped (run id, command line, where the weights were found, the config
   hash, wall-clock timings) and the demo's own folder replaced by ``<ROOT>``;
-- ``group_<mod>.tsv``, ``README.md``, ``.bidsignore`` and ``logs/CITATION.md``: the text.
+- ``group_<mod>.tsv`` (not the run's ``logs/timings-*.tsv``), ``README.md``, ``.bidsignore`` and ``logs/CITATION.md``: the text.
 
 HTML reports (time stamps), figures (rendering may change) and run logs are not digested.
 """
@@ -77,7 +77,7 @@ def digest(out_dir: str | Path, root: str | Path | None = None) -> dict[str, str
         elif rel.endswith(".json"):
             content = _clean(json.loads(path.read_text(encoding="utf-8")), root_text)
             result[rel] = _sha(json.dumps(content, sort_keys=True).encode())
-        elif rel.endswith(".tsv") or rel in TEXT_FILES:
+        elif (rel.endswith(".tsv") and not rel.startswith("logs/")) or rel in TEXT_FILES:
             result[rel] = _sha(path.read_text(encoding="utf-8").replace(root_text, "<ROOT>").encode())
     return result
 

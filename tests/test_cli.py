@@ -11,7 +11,7 @@ import pytest
 
 from cg3d_bids import __version__
 from cg3d_bids.cli.parser import build_parser, parse_args
-from cg3d_bids.cli.run import main
+from cg3d_bids.cli.main import main
 
 
 def _bids(tmp_path: Path) -> Path:
@@ -166,19 +166,33 @@ def test_reset_bids_db_reaches_discovery(tmp_path, monkeypatch, flag, expected):
 
 
 def test_config_file_restores_settings_and_the_command_line_wins(tmp_path):
-    from cg3d_bids.cli.run import build_config
-    from cg3d_bids.config import RunConfig
+    from cg3d_bids.cli.parser import settings_from_args
+    from cg3d_bids.settings import Settings
 
     bids = _bids(tmp_path)
-    saved = RunConfig(bids_dir=bids, output_dir=tmp_path / "o", analysis_level="group", work_dir=tmp_path / "w",
-                      fraction=0.2, random_seed=11, cube_size=112, modality=["T2w"], threshold=0.7)
+    saved = Settings().replace(
+        inputs={"bids_dir": bids, "output_dir": tmp_path / "o", "modality": ("T2w",)},
+        method={"fraction": 0.2, "random_seed": 11, "cube_size": 112, "threshold": 0.7},
+        execution={"work_dir": tmp_path / "w"}, run={"run_id": "old-run", "weights_sha256": "ab" * 32},
+    )
     toml = tmp_path / "config-x.toml"
     toml.write_text(saved.to_toml())
     argv = [str(bids), str(tmp_path / "out"), "group", "--config-file", str(toml), "--random-seed", "3"]
-    cfg = build_config(parse_args(argv), argv)
-    assert (cfg.fraction, cfg.cube_size, cfg.modality, cfg.threshold) == (0.2, 112, ["T2w"], 0.7)
-    assert cfg.random_seed == 3  # given on the command line
-    assert cfg.output_dir == (tmp_path / "out").absolute()  # positionals are never taken from the file
+    settings = settings_from_args(parse_args(argv), argv)
+    method = settings.method
+    assert (method.fraction, method.cube_size, settings.inputs.modality, method.threshold) == (0.2, 112, ("T2w",), 0.7)
+    assert method.random_seed == 3  # given on the command line
+    assert settings.inputs.output_dir == (tmp_path / "out").absolute()  # positionals never come from the file
+    assert settings.execution.work_dir == tmp_path / "w"
+    assert settings.run.run_id == "" and settings.run.weights_sha256 is None  # run facts never come from it
+
+
+def test_a_broken_config_file_is_a_usage_error(tmp_path, capsys):
+    toml = tmp_path / "config.toml"
+    toml.write_text("[method]\nnot_a_setting = 1\n")
+    status = main([str(_bids(tmp_path)), str(tmp_path / "out"), "group", "--config-file", str(toml)])
+    err = capsys.readouterr().err
+    assert status == 64 and "not_a_setting" in err and "config.toml" in err, err
 
 
 @pytest.mark.parametrize("text, needle", [

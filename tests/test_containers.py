@@ -330,7 +330,7 @@ def test_every_descriptor_flag_is_a_parser_option(descriptor):
         if action.choices is not None:
             assert item.get("value-choices") == list(action.choices), f"{flag}: value-choices"
         if item["type"] == "File":
-            assert getattr(action.type, "__name__", "") == "_existing_file", f"{flag}: File must exist"
+            assert getattr(action.type, "__name__", "") == "existing_file", f"{flag}: File must exist"
 
 
 def test_descriptor_positionals_match_the_parser(descriptor):
@@ -420,12 +420,10 @@ def test_boutiques_flags_that_exit(capsys, descriptor):
 
 
 def test_descriptor_encoders_match_the_encoder_registry(descriptor):
-    encoders = pytest.importorskip("cg3d_bids.core.models.encoders", reason="encoder module not written yet")
-    if not hasattr(encoders, "list_encoders"):
-        pytest.skip("cg3d_bids.core.models.encoders has no list_encoders() yet")
+    from cg3d_bids.core.models import TEST_ENCODER, list_encoders
+
     by_id = {item["id"]: item for item in descriptor["inputs"]}
-    names = set(encoders.list_encoders()) | {getattr(encoders, "TEST_ENCODER", "test-tiny-vit")}
-    assert set(by_id["Encoder"]["value-choices"]) == names
+    assert set(by_id["Encoder"]["value-choices"]) == set(list_encoders()) | {TEST_ENCODER}
 
 
 def test_packaged_descriptor_text_is_the_file():

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from cg3d_bids.cli.run import main
+from cg3d_bids.cli.main import main
 
 REPO = Path(__file__).resolve().parents[1]
 EXPECTED = REPO / "tests" / "data" / "demo_digest.json"

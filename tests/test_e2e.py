@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 from bids_fixtures import make_bids_dataset
-from cg3d_bids.cli.run import main
+from cg3d_bids.cli.main import main
 
 SUBJECTS = ["01", "02", "03", "04", "05", "06"]
 FAST = ["--device", "cpu", "--encoder", "test-tiny-vit", "--cube-size", "56", "--nprocs", "1",
@@ -122,12 +122,14 @@ def test_dataset_files_and_logs(plain_run):
 
 def test_reports_written(plain_run):
     from cg3d_bids.bids.naming import output_paths
+    from cg3d_bids.records import ImageRecord
 
     out = plain_run["root"] / "out"
     for sub in SUBJECTS:
         assert (out / f"sub-{sub}.html").exists()
         for mod in ("T1w", "T2w"):
-            record = {"bids_name": f"sub-{sub}_{mod}", "subject": sub, "modality": mod}
+            record = ImageRecord(subject=sub, session=None, modality=mod, path=Path("x"), relpath="x",
+                                 entities={"sub": sub}, bids_name=f"sub-{sub}_{mod}")
             missing = [str(p) for p in output_paths(record, out).values() if not p.exists()]
             assert not missing, missing
     for mod in ("T1w", "T2w"):
@@ -363,9 +365,11 @@ def test_concurrent_participant_calls_share_the_work_dir(tmp_path):
         assert proc.returncode == 0, err[-3000:]
     tokens = sorted((tmp_path / "work" / "tokens").rglob("*.npz"))
     assert len(tokens) == len(subjects)
-    assert len(list((tmp_path / "work" / "prep").rglob("*.json"))) == len(subjects)
+    assert len(list((tmp_path / "work" / "prep").rglob("*.npz"))) == len(subjects)
     mtimes = [p.stat().st_mtime_ns for p in tokens]
     assert run_cg3d(tmp_path / "bids", tmp_path / "out", tmp_path / "work", *common) == 0
     assert [p.stat().st_mtime_ns for p in tokens] == mtimes
     assert len(read_tsv(tmp_path / "out" / "group_T1w.tsv")) == len(subjects)
-    assert not any((tmp_path / "work" / "nipype").iterdir()), "nipype folders of finished runs are removed"
+    runs = list((tmp_path / "work" / "runs").iterdir())
+    assert len(runs) == len(subjects) + 1, "one run folder per call"
+    assert not any((run / "nipype").exists() for run in runs), "nipype folders of finished runs are removed"

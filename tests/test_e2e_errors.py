@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from bids_fixtures import make_bids_dataset
-from cg3d_bids.cli.run import main
+from cg3d_bids.cli.main import main
 
 FAST = ["--device", "cpu", "--encoder", "test-tiny-vit", "--cube-size", "56", "--nprocs", "1",
         "--skip-bids-validation", "--projection-dim", "16", "--modality", "T1w"]

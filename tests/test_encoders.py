@@ -15,6 +15,7 @@ import torch
 from _synthetic import single_torch_thread  # noqa: F401 (autouse fixture)
 from _synthetic import H, tiny_encoder
 from cg3d_bids.errors import UsageError, WeightsUnavailableError
+from cg3d_bids.hashing import file_sha256
 from cg3d_bids.core.models import (
     ENCODERS,
     RANDOM_INIT_SOURCE,
@@ -23,7 +24,6 @@ from cg3d_bids.core.models import (
     SliceEncoder,
     create_encoder,
     encoder_info,
-    file_sha256,
     get_spec,
     list_encoders,
     resolve_precision,

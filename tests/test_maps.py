@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -75,28 +76,28 @@ def test_subject_summary_numbers_and_components():
     affine = np.diag([2.0, 2.0, 2.0, 1.0])
     affine[:3, 3] = [-10.0, 20.0, 5.0]
     s = subject_summary(values, brain, 8.0, 1.0, affine=affine)
-    assert s["score_max"] == 6.0
+    assert s.score_max == 6.0
     n_brain = 18 * 20 * 20
-    assert s["brain_voxels"] == n_brain and s["brain_volume_mm3"] == n_brain * 8.0
+    assert s.brain_voxels == n_brain and s.brain_volume_mm3 == n_brain * 8.0
     top = np.sort(values[brain])[::-1][: int(np.ceil(0.01 * n_brain))]  # 72 voxels
-    assert s["score_top1pct"] == pytest.approx(float(top.mean()))
-    assert s["anomaly_voxels"] == 29 and s["anomaly_volume_mm3"] == 29 * 8.0
-    assert s["n_components"] == 2  # the diagonal pair is one component (26-connectivity)
-    a, b = s["components"]
-    assert a["n_voxels"] == 27 and a["volume_mm3"] == 216.0 and a["peak"] == 6.0
-    assert a["centroid_voxel"] == pytest.approx([3.0, 3.0, 3.0]) and a["peak_voxel"] == [3, 3, 3]
-    assert a["centroid_mm"] == pytest.approx([-4.0, 26.0, 11.0])
-    assert b["n_voxels"] == 2 and b["centroid_voxel"] == pytest.approx([10.5, 10.5, 10.5]) and b["peak"] == 3.0
-    json.dumps(s)  # JSON-ready
+    assert s.score_top1pct == pytest.approx(float(top.mean()))
+    assert s.anomaly_voxels == 29 and s.anomaly_volume_mm3 == 29 * 8.0
+    assert s.n_components == 2  # the diagonal pair is one component (26-connectivity)
+    a, b = s.components
+    assert a.n_voxels == 27 and a.volume_mm3 == 216.0 and a.peak == 6.0
+    assert a.centroid_voxel == pytest.approx([3.0, 3.0, 3.0]) and a.peak_voxel == (3, 3, 3)
+    assert a.centroid_mm == pytest.approx([-4.0, 26.0, 11.0])
+    assert b.n_voxels == 2 and b.centroid_voxel == pytest.approx([10.5, 10.5, 10.5]) and b.peak == 3.0
+    json.dumps(dataclasses.asdict(s))  # JSON-ready
     # an explicit anomaly mask wins over the threshold and is clipped to the brain
     region = np.zeros(values.shape, bool)
     region[10:12, 10:12, 10:12] = True
     region[19] = True
     s2 = subject_summary(values, brain, 1.0, 1.0, anomaly_mask=region)
-    assert s2["anomaly_voxels"] == 8 and s2["n_components"] == 1
-    assert s2["components"][0]["centroid_mm"] is None
+    assert s2.anomaly_voxels == 8 and s2.n_components == 1
+    assert s2.components[0].centroid_mm is None
     s3 = subject_summary(values, brain, 1.0)
-    assert s3["n_components"] == 0 and s3["anomaly_volume_mm3"] == 0.0 and s3["score_max"] == 6.0
+    assert s3.n_components == 0 and s3.anomaly_volume_mm3 == 0.0 and s3.score_max == 6.0
 
 
 def test_connected_components_limit_keeps_the_largest():
@@ -105,4 +106,38 @@ def test_connected_components_limit_keeps_the_largest():
     binary[5:8, 5:8, 5:8] = True
     binary[10, 10, 9:12] = True
     count, comps = connected_components(binary, binary.astype(np.float32), 1.0, max_components=2)
-    assert count == 3 and [c["n_voxels"] for c in comps] == [27, 3]
+    assert count == 3 and [c.n_voxels for c in comps] == [27, 3]
+
+
+def test_robust_stats_and_probseg_transform():
+    from cg3d_bids.core.maps import probseg_transform, robust_stats
+
+    scores = np.array([1.0, 2.0, 3.0, 4.0, 100.0], np.float32)
+    median, scale = robust_stats(scores)
+    assert median == 3.0 and scale == pytest.approx(1.4826)  # MAD = 1; the outlier does not move them
+    assert robust_stats(np.ones(4, np.float32))[1] == 1e-12  # a constant batch does not divide by zero
+    raw = np.array([median, median + 3 * scale, median + 10 * scale])
+    prob = probseg_transform(raw, median, scale, z_center=3.0)
+    assert prob.dtype == np.float32 and prob[1] == pytest.approx(0.5)
+    assert prob[0] < 0.05 and prob[2] > 0.99 and np.all(np.diff(prob) > 0)
+
+
+def test_scores_to_native_on_a_reoriented_grid():
+    """A constant token map lands on every brain voxel of an LPS image, and 0 outside the brain."""
+    import nibabel as nib
+
+    from cg3d_bids.core.maps import scores_to_native
+    from cg3d_bids.core.preprocessing import from_canonical, make_cube
+
+    data = np.zeros((20, 22, 18), np.float32)
+    data[4:16, 5:17, 3:15] = 1.0
+    lps = np.diag([-2.0, -2.0, 2.0, 1.0])
+    native = nib.Nifti1Image(data, lps)
+    canonical = nib.as_closest_canonical(native)
+    brain_canonical = np.asarray(canonical.dataobj) > 0
+    cube = make_cube(canonical, brain_canonical, size=28, fov_mm=56.0)
+    brain = from_canonical(brain_canonical, native).astype(bool)
+    assert np.array_equal(brain, data > 0)  # the reorientation round trip is exact
+    raw = scores_to_native(np.full(8, 2.5, np.float32), 2, cube.mask, cube.affine, native, brain)
+    assert raw.shape == data.shape and raw.dtype == np.float32
+    assert np.all(raw[~brain] == 0) and np.allclose(raw[brain], 2.5, atol=1e-5)

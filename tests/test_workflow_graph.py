@@ -1,60 +1,68 @@
-"""The nipype graph: which nodes a level builds and in which order the cohort is prepared."""
+"""The nipype graph: which nodes a level builds, what they are given, and the cohort's prepare order."""
 
 from __future__ import annotations
 
-import json
-
 import pytest
 
-from cg3d_bids.workflows.base import init_cg3d_wf, prepare_order
-
-
-def _records(names):
-    return [{"bids_name": f"sub-{n}_T1w", "subject": n, "modality": "T1w"} for n in names]
-
-
-def _names(records):
-    return [rec["subject"] for rec in records]
+from cg3d_bids.workflows.base import chunks, init_cg3d_wf, prepare_order
 
 
 @pytest.mark.parametrize("selected, expected", [
-    (["c"], ["c", "d", "e", "f", "a", "b"]),
-    (["e", "b"], ["b", "e", "c", "d", "f", "a"]),
-    ([], ["a", "b", "c", "d", "e", "f"]),
-    (["a", "b", "c", "d", "e", "f"], ["a", "b", "c", "d", "e", "f"]),
+    ("c", "cdefab"),
+    ("eb", "becdfa"),
+    ("", "abcdef"),
+    ("abcdef", "abcdef"),
 ])
 def test_prepare_order_starts_with_the_selected_images_then_walks_on(selected, expected):
-    cohort = _records("abcdef")
-    order = prepare_order(cohort, _records(selected))
-    assert _names(order) == expected
-    assert sorted(_names(order)) == sorted(_names(cohort))
+    order = prepare_order(list("abcdef"), list(selected))
+    assert order == list(expected)
+    assert sorted(order) == list("abcdef")
 
 
 def test_concurrent_participant_calls_start_at_different_images():
-    cohort = _records("abcdefgh")
-    firsts = {_names(prepare_order(cohort, _records(sub)))[0] for sub in "abcdefgh"}
+    firsts = {prepare_order(list("abcdefgh"), [name])[0] for name in "abcdefgh"}
     assert firsts == set("abcdefgh")
 
 
-def _build(tmp_path, level):
-    config = tmp_path / "config.json"
-    config.write_text("{}")
-    cohort = _records("abcdef")
-    return init_cg3d_wf(config_file=config, analysis_level=level, selected={"T1w": _records("d")},
-                        cohort={"T1w": cohort}, provenance={}, use_gpu=False, n_token_chunks=2,
-                        base_dir=tmp_path / "nipype")
+def test_chunks_deal_round_robin_and_never_empty():
+    assert chunks(list("abcde"), 2) == [["a", "c", "e"], ["b", "d"]]
+    assert chunks(list("ab"), 8) == [["a"], ["b"]]
+    assert chunks([], 3) == [[]]
+
+
+def _build(tmp_path, level, use_gpu=False):
+    settings = tmp_path / "settings.toml"
+    settings.write_text("")
+    files = {}
+    for name in "abcdef":
+        files[name] = tmp_path / f"sub-{name}_T1w.json"
+        files[name].write_text("{}")
+    cohort = {"T1w": [(f"sub-{n}_T1w", files[n]) for n in "abcdef"]}
+    selected = {"T1w": [("sub-d_T1w", files["d"])]}
+    return init_cg3d_wf(settings_file=settings, analysis_level=level, selected=selected, cohort=cohort,
+                        subjects=["d"], use_gpu=use_gpu, n_chunks=2, base_dir=tmp_path / "nipype")
 
 
 def test_participant_graph_prepares_in_that_order_and_stops_at_tokens(tmp_path):
     wf = _build(tmp_path, "participant")
     prepare = wf.get_node("prepare_T1w")
-    assert [json.loads(r)["subject"] for r in prepare.inputs.record] == ["d", "e", "f", "a", "b", "c"]
+    assert [p.rsplit("/", 1)[1] for p in prepare.inputs.image] == [f"sub-{n}_T1w.json" for n in "defabc"]
     assert not any(name.startswith(("score_", "outputs_", "group_", "subject_reports"))
                    for name in wf.list_node_names())
+    assert wf.get_node("select_T1w").inputs.names == ["sub-d_T1w"]
 
 
 def test_group_graph_has_scoring_outputs_and_reports(tmp_path):
-    names = _build(tmp_path, "group").list_node_names()
+    wf = _build(tmp_path, "group")
+    names = wf.list_node_names()
     for node in ("prepare_T1w", "landmarks_T1w", "tokenize_T1w", "score_T1w", "outputs_T1w",
                  "group_T1w", "subject_reports"):
         assert node in names, node
+    assert wf.get_node("score_T1w").inputs.order == ["sub-d_T1w"]
+    assert wf.get_node("subject_reports").inputs.subjects == [["d"]]
+
+
+def test_gpu_runs_one_tokenize_chunk_in_a_gpu_slot(tmp_path):
+    wf = _build(tmp_path, "group", use_gpu=True)
+    assert wf.get_node("select_T1w").inputs.n_chunks == 1
+    assert wf.get_node("tokenize_T1w").inputs.use_gpu is True and wf.get_node("score_T1w").inputs.use_gpu is True

@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from ..atomic import write_json, write_text
-from .naming import _get, mask_uri, output_paths, output_uri, source_uri
+from ..records import ImageRecord
+from .naming import output_paths, output_uri
 
 BIDS_VERSION = "1.10.0"
 CODE_URL = "https://github.com/cg3d/cg3d"
@@ -205,31 +206,31 @@ def model_fields(model: Mapping[str, Any] | None) -> dict[str, Any]:
     return fields
 
 
-def _relpaths(record: Any) -> dict[str, str]:
+def _relpaths(record: ImageRecord) -> dict[str, str]:
     return {k: p.as_posix() for k, p in output_paths(record).items()}
 
 
-def _common(record: Any, description: str, sources: list[str], model: Mapping[str, Any] | None) -> dict:
+def _common(record: ImageRecord, description: str, sources: list[str], model: Mapping[str, Any] | None) -> dict:
     """Description, Sources, SpatialReference (the source image) and the model provenance."""
-    return {"Description": description, "Sources": sources, "SpatialReference": source_uri(record),
+    return {"Description": description, "Sources": sources, "SpatialReference": record.source_uri,
             **model_fields(model)}
 
 
-def probseg_sidecar(record: Any, *, transform: Mapping[str, Any] | None = None,
+def probseg_sidecar(record: ImageRecord, *, transform: Mapping[str, Any] | None = None,
                     model: Mapping[str, Any] | None = None, extra: Mapping[str, Any] | None = None) -> dict:
     """Sidecar of ``*_label-anomaly_desc-<mod>_probseg``: sources = the image and the brain mask
     used; ``transform`` (e.g. ``ScoreTransform``, ``BatchMedian``) and ``model`` provenance added."""
-    modality = _get(record, "modality")
+    modality = record.modality
     description = (f"Voxel-wise zero-shot anomaly score in [0, 1] (higher = more anomalous) of the "
                    f"{modality} image, on its native grid; 0 outside the brain mask")
     paths = _relpaths(record)
-    sidecar = _common(record, description, [source_uri(record), output_uri(paths["brain_mask"])], model)
+    sidecar = _common(record, description, [record.source_uri, output_uri(paths["brain_mask"])], model)
     sidecar.update(transform or {})
     sidecar.update(extra or {})
     return sidecar
 
 
-def anomaly_mask_sidecar(record: Any, threshold: float, *, model: Mapping[str, Any] | None = None,
+def anomaly_mask_sidecar(record: ImageRecord, threshold: float, *, model: Mapping[str, Any] | None = None,
                          extra: Mapping[str, Any] | None = None) -> dict:
     """Sidecar of ``*_label-anomaly_desc-<mod>_mask``: ``Type: Lesion`` and the ``Threshold``."""
     paths = _relpaths(record)
@@ -242,23 +243,23 @@ def anomaly_mask_sidecar(record: Any, threshold: float, *, model: Mapping[str, A
     return sidecar
 
 
-def brain_mask_sidecar(record: Any, *, model: Mapping[str, Any] | None = None,
+def brain_mask_sidecar(record: ImageRecord, *, model: Mapping[str, Any] | None = None,
                        extra: Mapping[str, Any] | None = None) -> dict:
     """Sidecar of ``*_label-brain_desc-<mod>_mask`` (the mask actually used): ``Type: Brain``,
     ``Sources`` = the derivatives mask (or the image for computed masks), ``MaskSource``."""
-    modality = _get(record, "modality")
-    source = _get(record, "mask_source") or "derivatives"
-    original = mask_uri(record)
+    modality = record.modality
+    source = record.mask_source or "derivatives"
+    original = record.mask_uri
     if original:
         description = (f"Brain mask used for scoring: {original} mapped onto the grid of the {modality} "
                        "image (nearest neighbour)")
         sources = [original]
     elif source == "nonzero":
         description = f"Brain mask used for scoring: the non-zero voxels of the (skull-stripped) {modality} image"
-        sources = [source_uri(record)]
+        sources = [record.source_uri]
     else:
         description = f"Brain mask used for scoring: deepbet skull stripping of the {modality} image"
-        sources = [source_uri(record)]
+        sources = [record.source_uri]
     sidecar = {"Type": "Brain", **_common(record, description, sources, model), "MaskSource": source}
     sidecar.update(extra or {})
     return sidecar

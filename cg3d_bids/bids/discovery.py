@@ -15,6 +15,7 @@ of the root, ``sub-*``, ``ses-*`` and ``anat`` folders), so adding or removing f
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
@@ -28,12 +29,12 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import InputDataError, NoInputError, NoMatchError, UsageError
-from .naming import mask_uri
+from ..records import ImageRecord
+from .naming import LABEL_RE, parse_name
 
 LOGGER = logging.getLogger("cg3d")
 MODALITIES = ("T1w", "T2w", "FLAIR")
 MASK_SOURCES = ("derivatives", "nonzero", "skullstrip")
-LABEL_RE = re.compile(r"[0-9a-zA-Z]+")
 NIFTI_EXTENSIONS = [".nii", ".nii.gz"]
 INDEX_VERSION = "cg3d-bids-index-1"  # bump when the indexer settings below change
 MAX_SQL_LABELS = 500  # longer label lists are filtered in Python (old SQLite: <= 999 variables)
@@ -56,43 +57,6 @@ CONTAINER_HINT = (
     "Please make sure all volumes are mounted properly (see https://docs.docker.com/engine/reference/"
     "commandline/run/#mount-volume--v---read-only and, for Singularity/Apptainer, the --bind option)."
 )
-
-
-@dataclass
-class ImageRecord:
-    """One input image to score.
-
-    ``entities`` holds every entity of the file name in file-name order (``sub``, ``ses``, ``acq``,
-    ``ce``, ``rec``, ``run``, ...), keyed by the short BIDS names; ``bids_name`` is the file name
-    without extension. ``image_path`` mirrors ``path`` (the workflow reads ``record["image_path"]``).
-    """
-
-    subject: str
-    session: str | None
-    modality: str
-    path: Path
-    relpath: str
-    entities: dict[str, str]
-    mask_path: Path | None
-    mask_source: str
-    mask_relpath: str | None
-    bids_name: str
-    image_path: Path | None = field(default=None, repr=False)
-
-    def __post_init__(self) -> None:  # also accepts the dict form back: ImageRecord(**asdict(rec))
-        self.path = Path(self.path)
-        self.mask_path = Path(self.mask_path) if self.mask_path else None
-        self.image_path = Path(self.image_path) if self.image_path else self.path
-
-    @property
-    def source_uri(self) -> str:
-        """BIDS URI of the image (``bids:raw:<relpath>``)."""
-        return f"bids:raw:{self.relpath}"
-
-    @property
-    def mask_uri(self) -> str | None:
-        """BIDS URI of the mask in its derivatives dataset, or None for computed masks."""
-        return mask_uri(self)
 
 
 @dataclass
@@ -386,17 +350,6 @@ def check_derivatives(derivatives: Mapping[str, str | os.PathLike] | None) -> di
 
 # ------------------------------------------------------------------------------------------------
 # records
-def parse_name(filename: str) -> tuple[dict[str, str], str]:
-    """``sub-01_ses-a_acq-x_T1w.nii.gz`` -> ({"sub": "01", "ses": "a", "acq": "x"}, "T1w")."""
-    stem = filename.split(".", 1)[0]
-    *parts, suffix = stem.split("_")
-    entities = {}
-    for part in parts:
-        key, _, value = part.partition("-")
-        entities[key] = value
-    return entities, suffix
-
-
 def _relpath(path: Path, root: Path) -> str:
     """POSIX path of ``path`` relative to ``root`` (also across symbolic links)."""
     try:
@@ -409,8 +362,7 @@ def _record(root: Path, path: Path, modality: str) -> ImageRecord:
     entities, _suffix = parse_name(path.name)
     return ImageRecord(
         subject=entities.get("sub", ""), session=entities.get("ses") or None, modality=modality,
-        path=path, relpath=_relpath(path, root), entities=entities, mask_path=None,
-        mask_source="", mask_relpath=None, bids_name=path.name.split(".", 1)[0],
+        path=path, relpath=_relpath(path, root), entities=entities, bids_name=path.name.split(".", 1)[0],
     )
 
 
@@ -633,8 +585,8 @@ def _attach_masks(images: dict[str, list[ImageRecord]], derivatives: Mapping[str
                   db: Path | None, mask_source: str, mask_desc: str, mask_filters: Mapping[str, Any],
                   reset: bool, warnings: list[str]) -> None:
     if mask_source != "derivatives":
-        for rec in (r for recs in images.values() for r in recs):
-            rec.mask_source = mask_source
+        for modality, recs in images.items():
+            images[modality] = [dataclasses.replace(r, mask_source=mask_source) for r in recs]
         return
     layouts = {
         name: open_layout(path, db, prefix=f"deriv-{name}-{hashlib.sha256(str(path).encode()).hexdigest()[:8]}",
@@ -644,14 +596,16 @@ def _attach_masks(images: dict[str, list[ImageRecord]], derivatives: Mapping[str
     subjects = [r.subject for recs in images.values() for r in recs]
     indexes = {name: _index_masks(layout, subjects, mask_desc, mask_filters) for name, layout in layouts.items()}
     missing = []
-    for rec in (r for recs in images.values() for r in recs):
-        found = _find_mask(indexes, rec, warnings)
-        if found is None:
-            missing.append(rec)
-            continue
-        name, path = found
-        rec.mask_path = path
-        rec.mask_source = f"derivatives:{name}"
-        rec.mask_relpath = _relpath(path, derivatives[name])
+    for modality, recs in images.items():
+        attached = []
+        for rec in recs:
+            found = _find_mask(indexes, rec, warnings)
+            if found is None:
+                missing.append(rec)
+                continue
+            name, path = found
+            attached.append(dataclasses.replace(rec, mask_path=path, mask_source=f"derivatives:{name}",
+                                                mask_relpath=_relpath(path, derivatives[name])))
+        images[modality] = attached
     if missing:
         raise _missing_mask_error(missing, derivatives, mask_desc, mask_filters)

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from ..atomic import write_json, write_text
+from ..records import ImageResult
 from .naming import group_paths
 
 STATUS_LEVELS = {
@@ -54,6 +55,9 @@ COLUMNS: dict[str, dict[str, Any]] = {
                      "Description": "Number of connected components of the binary anomaly mask"},
     "brain_volume_mm3": {"LongName": "Brain volume", "Format": "number", "Units": "mm^3", "Minimum": 0,
                          "Description": "Volume of the brain mask used for scoring"},
+    "outside_fraction": {"LongName": "Brain fraction outside the cube", "Format": "number", "Minimum": 0,
+                         "Maximum": 1, "Description": "Fraction of the brain mask outside the scoring cube "
+                         "(cg3d warns above 0.01: raise --fov-mm)"},
     "flagged": {"LongName": "Flagged as anomalous", "Format": "boolean",
                 "Levels": {"true": "anomalous by the batch threshold", "false": "not anomalous"},
                 "Description": "Whether the image is anomalous by the batch threshold"},
@@ -63,11 +67,27 @@ COLUMNS: dict[str, dict[str, Any]] = {
               "Description": "Why the image failed or was skipped; n/a when status is ok"},
 }
 
-#: Documentation of optional columns that callers may add.
-OPTIONAL_COLUMNS: dict[str, dict[str, Any]] = {
-    "outside_fraction": {"LongName": "Brain fraction outside the cube", "Format": "number", "Minimum": 0,
-                         "Maximum": 1, "Description": "Fraction of the brain mask outside the scoring cube"},
-}
+def table_row(result: ImageResult) -> dict[str, Any]:
+    """The ``group_<mod>.tsv`` row of one image's result (failed and skipped ones too)."""
+    image = result.image
+    row: dict[str, Any] = {
+        "participant_id": f"sub-{image.subject}",
+        "session_id": f"ses-{image.session}" if image.session else None,
+        "bids_name": image.bids_name,
+        "source": image.source_uri,
+        "mask_source": image.mask_source,
+        "status": result.status,
+        "error": result.error,
+    }
+    if result.ok:
+        row.update({
+            "score_max": result.score_max, "score_top1pct": result.score_top1pct,
+            "score_percentile": result.score_percentile, "rank": result.rank,
+            "anomaly_volume_mm3": result.anomaly_volume_mm3, "n_components": result.n_components,
+            "brain_volume_mm3": result.brain_volume_mm3, "flagged": result.flagged,
+            "outside_fraction": result.outside_fraction,
+        })
+    return row
 
 
 def format_value(value: Any) -> str:
@@ -84,19 +104,26 @@ def format_value(value: Any) -> str:
     return text or "n/a"
 
 
+def rank_and_percentile(scores: Sequence[float]) -> tuple[list[int], list[float]]:
+    """Rank 1 = highest score (ties in input order); percentile = share of the scores that are lower
+    or equal, in %."""
+    values = np.asarray(scores, dtype=float)
+    order = np.argsort(-values, kind="stable")
+    ranks = np.empty(len(values), dtype=int)
+    ranks[order] = np.arange(1, len(values) + 1)
+    percentiles = [100.0 * float(np.mean(values <= v)) for v in values]
+    return ranks.tolist(), percentiles
+
+
 def _fill_ranks(rows: list[dict[str, Any]]) -> None:
-    """Rank (1 = highest score_max) and percentile among ``ok`` rows, where the caller gave none."""
+    """Rank and percentile among ``ok`` rows, where the caller gave none."""
     scored = [r for r in rows if r.get("status") == "ok" and _number(r.get("score_max")) is not None]
-    if not scored:
-        return
-    scores = np.array([_number(r["score_max"]) for r in scored])
-    order = np.argsort(-scores, kind="stable")
-    for rank, index in enumerate(order, start=1):
-        row = scored[index]
+    ranks, percentiles = rank_and_percentile([_number(r["score_max"]) for r in scored])
+    for row, rank, pct in zip(scored, ranks, percentiles):
         if row.get("rank") is None:
             row["rank"] = rank
         if row.get("score_percentile") is None:
-            row["score_percentile"] = float(100.0 * np.mean(scores <= scores[index]))
+            row["score_percentile"] = pct
 
 
 def _number(value: Any) -> float | None:
@@ -120,7 +147,7 @@ def columns_for(rows: Sequence[Mapping[str, Any]]) -> list[str]:
 def data_dictionary(columns: Sequence[str], provenance: Mapping[str, Any] | None = None,
                     column_docs: Mapping[str, Mapping[str, Any]] | None = None) -> dict[str, Any]:
     """BIDS data dictionary of ``columns`` (+ top-level ``GeneratedBy`` and ``Provenance``)."""
-    docs = {**COLUMNS, **OPTIONAL_COLUMNS, **(column_docs or {})}
+    docs = {**COLUMNS, **(column_docs or {})}
     dictionary: dict[str, Any] = {}
     for name in columns:
         dictionary[name] = dict(docs.get(name) or {
@@ -141,8 +168,7 @@ def write_group_table(out_dir: str | Path, modality: str, rows: Sequence[Mapping
 
     ``rows``: one dict per requested image with (a subset of) :data:`COLUMNS`; missing values are
     ``n/a``; ``rank``/``score_percentile`` are computed among ``ok`` rows when not given. Extra keys
-    become extra columns (after the documented ones), documented from :data:`OPTIONAL_COLUMNS` or
-    ``column_docs``. Rows without ``status`` are ``ok`` unless they carry an ``error``.
+    become extra columns (after the documented ones), documented from ``column_docs``. Rows without ``status`` are ``ok`` unless they carry an ``error``.
     """
     rows = [dict(r) for r in rows]
     for row in rows:
@@ -161,7 +187,7 @@ def write_group_table(out_dir: str | Path, modality: str, rows: Sequence[Mapping
 def read_group_table(path: str | Path) -> list[dict[str, Any]]:
     """Read a group TSV back: ``n/a`` -> None, numbers and booleans parsed per the dictionary."""
     path = Path(path)
-    formats = {name: doc.get("Format") for name, doc in {**COLUMNS, **OPTIONAL_COLUMNS}.items()}
+    formats = {name: doc.get("Format") for name, doc in COLUMNS.items()}
     lines = path.read_text(encoding="utf-8").splitlines()
     header = lines[0].split("\t")
     rows = []

@@ -11,48 +11,48 @@ last, as in the schema's entity order). Outputs of one image::
     sub-<l>.html
 and per modality ``group_<mod>.tsv``, ``group_<mod>.json``, ``group_<mod>.html``.
 
-Records may be :class:`~cg3d_bids.bids.discovery.ImageRecord` objects or their ``dict`` form.
+The one BIDS file-name parser of cg3d is :func:`parse_name`; :data:`LABEL_RE` is the one pattern
+of a BIDS label.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import re
 from pathlib import Path
-from typing import Any
+
+from ..records import ImageRecord
 
 NII = ".nii.gz"
+#: A BIDS label (subject, session, ...): letters and digits only.
+LABEL_RE = re.compile(r"[0-9a-zA-Z]+")
 
 
-def _get(record: Any, key: str) -> Any:
-    if isinstance(record, Mapping):
-        return record.get(key)
-    return getattr(record, key, None)
+def parse_name(filename: str) -> tuple[dict[str, str], str]:
+    """``sub-01_ses-a_acq-x_T1w.nii.gz`` -> ({"sub": "01", "ses": "a", "acq": "x"}, "T1w")."""
+    stem = filename.split(".", 1)[0]
+    *parts, suffix = stem.split("_")
+    entities = {}
+    for part in parts:
+        key, _, value = part.partition("-")
+        entities[key] = value
+    return entities, suffix
 
 
-def source_entities(record: Any) -> str:
+def source_entities(record: ImageRecord) -> str:
     """The source name minus its suffix: ``sub-01_ses-01_acq-hires_run-2`` (original order)."""
-    bids_name = _get(record, "bids_name")
-    if bids_name:
-        return bids_name.rsplit("_", 1)[0]
-    entities = dict(_get(record, "entities") or {})
-    entities.setdefault("sub", _get(record, "subject"))
-    if _get(record, "session"):
-        entities.setdefault("ses", _get(record, "session"))
-    ordered = {"sub": entities.pop("sub"), **({"ses": entities.pop("ses")} if "ses" in entities else {})}
-    return "_".join(f"{k}-{v}" for k, v in {**ordered, **entities}.items())
+    return record.bids_name.rsplit("_", 1)[0]
 
 
-def anat_dir(record: Any) -> Path:
+def anat_dir(record: ImageRecord) -> Path:
     """``sub-<l>[/ses-<l>]/anat``."""
-    session = _get(record, "session")
-    folder = Path(f"sub-{_get(record, 'subject')}")
-    return (folder / f"ses-{session}" if session else folder) / "anat"
+    folder = Path(f"sub-{record.subject}")
+    return (folder / f"ses-{record.session}" if record.session else folder) / "anat"
 
 
-def derivative_name(record: Any, suffix: str, *, label: str | None = None, desc: str | None = None,
+def derivative_name(record: ImageRecord, suffix: str, *, label: str | None = None, desc: str | None = None,
                     extension: str = NII) -> str:
     """``<src>[_label-<label>][_desc-<desc>]_<suffix><extension>``; ``desc`` defaults to the modality."""
-    desc = _get(record, "modality") if desc is None else desc
+    desc = record.modality if desc is None else desc
     parts = [source_entities(record)]
     if label:
         parts.append(f"label-{label}")
@@ -61,7 +61,7 @@ def derivative_name(record: Any, suffix: str, *, label: str | None = None, desc:
     return "_".join([*parts, suffix]) + extension
 
 
-def output_paths(record: Any, out_dir: str | Path | None = None) -> dict[str, Path]:
+def output_paths(record: ImageRecord, out_dir: str | Path | None = None) -> dict[str, Path]:
     """Every per-image output; relative to the output root, or under ``out_dir`` when given.
 
     Keys: ``probseg``, ``anomaly_mask``, ``brain_mask`` (NIfTI), the same with ``_json``
@@ -70,7 +70,7 @@ def output_paths(record: Any, out_dir: str | Path | None = None) -> dict[str, Pa
     ``subject_report`` (``sub-<l>.html``).
     """
     anat = anat_dir(record)
-    figures = Path(f"sub-{_get(record, 'subject')}") / "figures"
+    figures = Path(f"sub-{record.subject}") / "figures"
     names = {
         "probseg": ("probseg", "anomaly"),
         "anomaly_mask": ("mask", "anomaly"),
@@ -82,7 +82,7 @@ def output_paths(record: Any, out_dir: str | Path | None = None) -> dict[str, Pa
         paths[f"{key}_json"] = anat / derivative_name(record, suffix, label=label, extension=".json")
         if key != "anomaly_mask":  # the anomaly mask is drawn as a contour on the probseg figure
             paths[f"figure_{key}"] = figures / derivative_name(record, suffix, label=label, extension=".svg")
-    paths["subject_report"] = subject_report_path(_get(record, "subject"))
+    paths["subject_report"] = subject_report_path(record.subject)
     if out_dir is not None:
         paths = {k: Path(out_dir) / p for k, p in paths.items()}
     return paths
@@ -98,19 +98,6 @@ def group_paths(modality: str, out_dir: str | Path | None = None) -> dict[str, P
     """``group_<mod>.tsv`` / ``.json`` / ``.html`` (keys ``tsv``, ``json``, ``html``)."""
     paths = {ext: Path(f"group_{modality}.{ext}") for ext in ("tsv", "json", "html")}
     return {k: Path(out_dir) / p for k, p in paths.items()} if out_dir is not None else paths
-
-
-def source_uri(record: Any) -> str:
-    """``bids:raw:<relpath of the source image>``."""
-    return f"bids:raw:{_get(record, 'relpath')}"
-
-
-def mask_uri(record: Any) -> str | None:
-    """``bids:<derivatives name>:<relpath>`` of the input mask, or None for computed masks."""
-    source, relpath = _get(record, "mask_source") or "", _get(record, "mask_relpath")
-    if source.startswith("derivatives:") and relpath:
-        return f"bids:{source.split(':', 1)[1]}:{relpath}"
-    return None
 
 
 def output_uri(relpath: str | Path) -> str:

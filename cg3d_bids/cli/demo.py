@@ -9,12 +9,12 @@ numbers then mean nothing, and the outputs say so.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 from pathlib import Path
 
-from .parser import Cg3dArgumentParser
+from . import run
+from .parser import Cg3dArgumentParser, HelpFormatter
 
 LOGGER = logging.getLogger("cg3d")
 
@@ -23,14 +23,14 @@ def build_parser() -> Cg3dArgumentParser:
     parser = Cg3dArgumentParser(
         prog="cg3d demo",
         description="Run cg3d on the bundled demo BIDS dataset (CPU, small configuration).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("outdir", type=lambda s: Path(s).expanduser().absolute(),
                         help="folder that receives bids/ (the demo dataset), derivatives/cg3d/ and work/")
     parser.add_argument("--test-encoder", action="store_true",
                         help="use the tiny random test encoder (no weights needed; results mean nothing)")
     parser.add_argument("--encoder", default="dinov2_vits14", help="encoder (ignored with --test-encoder)")
-    parser.add_argument("--weights", help="encoder weights file")
+    parser.add_argument("--weights", metavar="FILE", help="encoder weights file (default: baked or cached weights)")
     parser.add_argument("--allow-download", action="store_true", help="download weights from the HF hub")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--cube-size", type=int, default=112, help="cube edge in voxels")
@@ -40,8 +40,8 @@ def build_parser() -> Cg3dArgumentParser:
 
 
 def main(argv: list[str]) -> int:
+    """``cg3d demo OUTDIR [options]``; returns the exit code of the group run."""
     from ..demo_data import copy_demo_dataset
-    from .run import main as cg3d_main
 
     args = build_parser().parse_args(argv)
     args.outdir.mkdir(parents=True, exist_ok=True)
@@ -65,7 +65,7 @@ def main(argv: list[str]) -> int:
             command += ["--allow-download"]
     if args.no_codegraph:
         command += ["--no-codegraph"]
-    status = cg3d_main(command)
+    status = run.main(command)
     if status == 0:
         print(f"demo outputs: {args.outdir / 'derivatives' / 'cg3d'} (open group_T1w.html)", file=sys.stderr)
     return status

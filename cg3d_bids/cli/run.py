@@ -1,4 +1,4 @@
-"""``cg3d`` entry point: start-up checks in the order that fails fastest, then the workflow.
+"""``cg3d BIDS_DIR OUTPUT_DIR LEVEL``: start-up checks in the order that fails fastest, then the workflow.
 
 Order (bids_app_conventions.md §1.5): arguments (64/17) -> paths (64/73) -> device (69) ->
 BIDS validation (16) -> discovery and filters (18/66) -> weights (66) -> workflow -> outputs.
@@ -8,56 +8,49 @@ failing run removes an output folder that it created and left empty.
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
-import json
 import logging
 import os
 import shutil
 import sys
+import tempfile
 import time
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .. import __version__
-from ..config import RunConfig, load_config_file
+from .. import __version__, timings
+from ..cache import WorkCache
 from ..errors import (
     EXIT_DATAERR,
     EXIT_FAILURE,
+    BatchTooSmallError,
     CantCreateError,
     Cg3dError,
     DeviceUnavailableError,
     NoInputError,
-    TempFailError,
     UsageError,
 )
-from .parser import build_parser, parse_args
+from ..settings import Settings
+from .parser import parse_args, settings_from_args
 
 LOGGER = logging.getLogger("cg3d")
 
+__all__ = ["main", "run", "resolve_run_info"]
 
-def main(argv: list[str] | None = None) -> int:
-    """Run ``cg3d``; returns the process exit code."""
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``cg3d BIDS_DIR OUTPUT_DIR LEVEL [options]``; returns the process exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "demo":
-        from .demo import main as demo_main
-
-        return demo_main(argv[1:])
-    if argv and argv[0] == "evaluate":
-        from .evaluate import main as evaluate_main
-
-        return evaluate_main(argv[1:])
-    if "--bids-exec-spec" in argv:  # BEP027: works with or without the positionals
+    args = parse_args(argv)
+    if args.bids_exec_spec:  # BEP027: works with or without the positionals
         from ..boutiques import descriptor_text
 
         print(descriptor_text())
         return 0
-    args = parse_args(argv)
     _setup_logging(args.verbose)
     try:
-        cfg = build_config(args, argv)
-        return run(cfg)
+        return run(settings_from_args(args, argv))
     except Cg3dError as exc:
         LOGGER.error("%s", exc.render())
         print(f"cg3d: error: {exc.render()}", file=sys.stderr)
@@ -77,74 +70,23 @@ def _setup_logging(verbose: int) -> None:
 
 
 # --------------------------------------------------------------------------------------------
-def explicit_options(argv: list[str]) -> set[str]:
-    """Names of the options given on the command line (to let them override --config-file)."""
-    parser = build_parser()
-    for action in parser._actions:  # noqa: SLF001 - argparse has no public API for this
-        action.default = argparse.SUPPRESS
-    try:
-        namespace, _ = parser.parse_known_args(argv)
-    except SystemExit:
-        return set()
-    return set(vars(namespace))
-
-
-def build_config(args: argparse.Namespace, argv: list[str]) -> RunConfig:
-    """RunConfig from the arguments, over a --config-file when one is given."""
-    cfg = RunConfig.from_namespace(args)
-    if args.config_file:
-        saved = load_config_file(args.config_file)
-        given = explicit_options(argv) | {"bids_dir", "output_dir", "analysis_level"}
-        fields = {f.name: f for f in dataclasses.fields(RunConfig)}
-        for name, value in saved.items():
-            if name in fields and name not in given and name not in {"run_id", "version", "weights_sha256",
-                                                                      "weights_source"}:
-                setattr(cfg, name, _restore(name, value))
-    if args.bids_filter_file:
-        try:
-            cfg.bids_filters = json.loads(Path(args.bids_filter_file).read_text())
-        except json.JSONDecodeError as exc:
-            raise UsageError(f"--bids-filter-file is not valid JSON: {exc}", path=args.bids_filter_file,
-                             fix='write a JSON object such as {"t2w": {"acquisition": "axial"}}') from exc
-        if not isinstance(cfg.bids_filters, dict):
-            raise UsageError("--bids-filter-file must hold a JSON object", path=args.bids_filter_file,
-                             fix='e.g. {"t1w": {"reconstruction": null}}')
-    cfg.run_id = time.strftime("%Y%m%d-%H%M%S") + "_" + uuid.uuid4().hex[:8]
-    return cfg
-
-
-def _restore(name: str, value: Any) -> Any:
-    if name in {"bids_dir", "output_dir", "work_dir", "weights", "bids_database_dir", "use_plugin"} and value:
-        return Path(value)
-    if name == "derivatives":
-        return {k: Path(v) for k, v in value.items()}
-    return value
-
-
-# --------------------------------------------------------------------------------------------
-def check_paths(cfg: RunConfig) -> bool:
+def check_paths(settings: Settings) -> bool:
     """Output and work folders: not the input, not inside it (except derivatives/), writable.
 
     Returns whether the output folder already existed.
     """
-    bids = cfg.bids_dir.resolve()
-    out = cfg.output_dir.resolve()
+    bids = settings.inputs.bids_dir.resolve()
+    out = settings.inputs.output_dir.resolve()
     if out == bids:
-        raise UsageError(
-            "The selected output folder is the same as the input BIDS folder.",
-            path=out, fix=f"choose another output folder (suggestion: {bids}/derivatives/cg3d)",
-        )
+        raise UsageError("The selected output folder is the same as the input BIDS folder.",
+                         path=out, fix=f"choose another output folder (suggestion: {bids}/derivatives/cg3d)")
     if out.is_relative_to(bids) and not out.is_relative_to(bids / "derivatives"):
-        raise UsageError(
-            "The selected output folder is inside the input BIDS dataset (outside derivatives/).",
-            path=out, fix=f"write outside the dataset or under {bids}/derivatives/cg3d",
-        )
-    work = cfg.work_dir.resolve()
+        raise UsageError("The selected output folder is inside the input BIDS dataset (outside derivatives/).",
+                         path=out, fix=f"write outside the dataset or under {bids}/derivatives/cg3d")
+    work = settings.execution.work_dir.resolve()
     if work.is_relative_to(bids):
-        raise UsageError(
-            "The selected working directory is a subdirectory of the input BIDS folder.",
-            path=work, fix="use -w/--work-dir outside the dataset (inputs are never written)",
-        )
+        raise UsageError("The selected working directory is a subdirectory of the input BIDS folder.",
+                         path=work, fix="use -w/--work-dir outside the dataset (inputs are never written)")
     existed = out.exists()
     for label, path in (("output", out), ("work", work)):
         _check_writable(label, path)
@@ -160,10 +102,9 @@ def _check_writable(label: str, path: Path) -> None:
     while not probe.exists():
         probe = probe.parent
     if not probe.is_dir():
-        raise CantCreateError(f"cannot create the {label} folder: {probe} is a file", path=path, fix=hint)
+        raise CantCreateError(f"cannot create the {label} folder: {probe} is a file", path=path,
+                              fix=f"choose a {label} folder that is not under a file")
     try:  # a real write: permissions, read-only mounts and root squash all show up here
-        import tempfile
-
         with tempfile.NamedTemporaryFile(dir=probe, prefix=".cg3d-write-test-"):
             pass
     except OSError as exc:
@@ -171,122 +112,159 @@ def _check_writable(label: str, path: Path) -> None:
                               path=path, fix=hint) from exc
 
 
-def check_device(cfg: RunConfig) -> None:
+def check_device(settings: Settings) -> None:
     """Fail at once when CUDA is requested and not visible (never fall back silently)."""
-    if not cfg.device.startswith("cuda"):
+    device = settings.execution.device
+    if not device.startswith("cuda"):
         return
     os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")  # no CUDA init before forking
     import torch
 
-    index = int(cfg.device.split(":")[1]) if ":" in cfg.device else 0
+    index = int(device.split(":")[1]) if ":" in device else 0
     if not torch.cuda.is_available() or torch.cuda.device_count() <= index:
         raise DeviceUnavailableError(
-            f"--device {cfg.device} was requested but no such CUDA GPU is visible.",
+            f"--device {device} was requested but no such CUDA GPU is visible.",
             fix="run the container with GPUs (docker run --gpus all ..., apptainer run --nv ...), "
             "or pass --device cpu (much slower with real encoders)",
         )
 
 
+def resolve_run_info(settings: Settings, run_id: str | None = None) -> Settings:
+    """Fix the run's facts once: run id, command line, the weights and their sha256, the
+    effective precision and layers (every later step reads these, never re-resolves them)."""
+    from ..core.models import encoder_info, resolve_precision, resolve_weights
+
+    method, execution = settings.method, settings.execution
+    weights = resolve_weights(method.encoder, weights=method.weights, allow_download=method.allow_download)
+    info = encoder_info(method.encoder)
+    return settings.replace(run={
+        "run_id": run_id or time.strftime("%Y%m%d-%H%M%S") + "_" + uuid.uuid4().hex[:8],
+        "command": " ".join(["cg3d", *sys.argv[1:]]),
+        "weights_sha256": weights.sha256, "weights_source": weights.source,
+        "is_test_encoder": bool(info.get("is_test")), "timm_name": info.get("timm_name"),
+        "precision": resolve_precision(execution.precision, execution.device),
+        "layers": tuple(method.layers or info["default_layers"]),
+    })
+
+
 # --------------------------------------------------------------------------------------------
-def run(cfg: RunConfig) -> int:
+def run(settings: Settings) -> int:
     """The whole run after argument parsing. Raises Cg3dError on failure."""
-    output_existed = check_paths(cfg)
-    check_device(cfg)
-    if cfg.use_plugin:
-        read_plugin_file(cfg.use_plugin)  # a bad plugin file fails now, not after discovery
-    if cfg.clean_workdir and cfg.work_dir.exists():
-        shutil.rmtree(cfg.work_dir)
-    cfg.work_dir.mkdir(parents=True, exist_ok=True)
-    log_file = _add_file_log(cfg)
-    LOGGER.info("cg3d %s, run %s: %s level on %s", __version__, cfg.run_id, cfg.analysis_level, cfg.bids_dir)
+    output_existed = check_paths(settings)
+    check_device(settings)
+    execution = settings.execution
+    if execution.use_plugin:
+        read_plugin_file(execution.use_plugin)  # a bad plugin file fails now, not after discovery
+    if execution.clean_workdir and execution.work_dir.exists():
+        shutil.rmtree(execution.work_dir)
+    execution.work_dir.mkdir(parents=True, exist_ok=True)
+    run_id = time.strftime("%Y%m%d-%H%M%S") + "_" + uuid.uuid4().hex[:8]
+    cache = WorkCache(execution.work_dir, run_id)
+    cache.run_dir.mkdir(parents=True, exist_ok=True)
+    log_file = _add_file_log(cache.run_dir / "cg3d.log")
+    started, cpu0 = time.time(), time.process_time()
+    LOGGER.info("cg3d %s, run %s: %s level on %s", __version__, run_id, settings.inputs.analysis_level,
+                settings.inputs.bids_dir)
     try:
-        status = _run(cfg)
+        status = _run(settings, cache)
     except BaseException:
-        _remove_if_empty(cfg.output_dir, output_existed)
+        _remove_if_empty(settings.inputs.output_dir, output_existed)
         raise
     finally:
         logging.getLogger().removeHandler(log_file)
         log_file.close()
-    if cfg.analysis_level == "group":
-        _finalise_logs(cfg)
+    timings.record(cache.run_dir / "timings", "total", timings.ALL, 0, started, time.time(),
+                   time.process_time() - cpu0 + _children_cpu())
+    _finalise_logs(Settings.load(cache.run_dir / "settings.toml"), cache)
     return status
 
 
-def _run(cfg: RunConfig) -> int:
+def _children_cpu() -> float:
+    """CPU seconds of the worker processes that have ended (nipype MultiProc workers)."""
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _run(settings: Settings, cache: WorkCache) -> int:
     from ..bids.discovery import discover_images
 
-    if not cfg.skip_bids_validation:
-        from ..bids.validation import validate_bids_input
+    inputs = settings.inputs
+    with timings.measure(cache.run_dir / "timings", "discover"):
+        if not inputs.skip_bids_validation:
+            from ..bids.validation import validate_bids_input
 
-        for warning in validate_bids_input(cfg.bids_dir, participant_labels=cfg.participant_label):
+            for warning in validate_bids_input(inputs.bids_dir, participant_labels=inputs.participant_label):
+                LOGGER.warning("%s", warning)
+        common = dict(
+            modalities=tuple(inputs.modality), bids_filters=inputs.bids_filters, derivatives=inputs.derivatives,
+            mask_source=inputs.mask_source, mask_desc=inputs.mask_desc,
+            database_dir=inputs.bids_database_dir or (settings.execution.work_dir / "bids_db"),
+        )
+        selected = discover_images(inputs.bids_dir, participant_labels=inputs.participant_label,
+                                   session_labels=inputs.session_label, reset_database=inputs.reset_bids_db,
+                                   **common)
+        for warning in selected.warnings:
             LOGGER.warning("%s", warning)
-    common = dict(
-        modalities=tuple(cfg.modality), bids_filters=cfg.bids_filters, derivatives=cfg.derivatives,
-        mask_source=cfg.mask_source, mask_desc=cfg.mask_desc,
-        database_dir=cfg.bids_database_dir or (cfg.work_dir / "bids_db"),
-    )
-    selected = discover_images(cfg.bids_dir, participant_labels=cfg.participant_label,
-                               session_labels=cfg.session_label, reset_database=cfg.reset_bids_db, **common)
-    for warning in selected.warnings:
-        LOGGER.warning("%s", warning)
-    if cfg.participant_label or cfg.session_label:
-        cohort = discover_images(cfg.bids_dir, **common)
-    else:
-        cohort = selected
+        cohort = discover_images(inputs.bids_dir, **common) if (inputs.participant_label
+                                                                or inputs.session_label) else selected
     images = {mod: recs for mod, recs in selected.images.items() if recs}
     if not images:
         raise NoInputError(
-            f"no {' or '.join(cfg.modality)} images found", path=cfg.bids_dir,
+            f"no {' or '.join(inputs.modality)} images found", path=inputs.bids_dir,
             fix="check --modality and the filters, and that anat/ holds *_T1w/*_T2w/*_FLAIR.nii[.gz]",
         )
     print(selected.summary(), file=sys.stderr)
-    if cfg.analysis_level == "group":
-        _check_batch_sizes(cfg, images)
-    _resolve_weights(cfg)
-    provenance = _provenance(cfg)
-    plan = ", ".join(f"{mod}: {len(recs)} image(s)" for mod, recs in images.items())
-    LOGGER.info("plan: %s level, %s; encoder %s on %s (%s)", cfg.analysis_level, plan, cfg.encoder,
-                cfg.device, provenance["weights_source"])
-    config_file = cfg.work_dir / "runs" / f"config-{cfg.run_id}.json"
-    from ..atomic import write_json
+    if inputs.analysis_level == "group":
+        _check_batch_sizes(settings, images)
+    settings = resolve_run_info(settings, cache.run_id)
+    from ..atomic import write_text
 
-    write_json(config_file, cfg.to_dict())
-    records = {mod: [_record_dict(r) for r in recs] for mod, recs in images.items()}
-    cohort_records = {mod: [_record_dict(r) for r in cohort.images.get(mod, [])] or records[mod]
-                      for mod in records}
-    _run_workflow(cfg, config_file, records, cohort_records, provenance)
-    if cfg.analysis_level != "group":
-        chosen = {rec["bids_name"] for recs in records.values() for rec in recs}
-        skipped = sorted(p.stem for p in (cfg.work_dir / "skipped" / str(cfg.run_id)).glob("*.json")
-                         if p.stem in chosen)
+    settings_file = write_text(cache.run_dir / "settings.toml", settings.to_toml())
+    plan = ", ".join(f"{mod}: {len(recs)} image(s)" for mod, recs in images.items())
+    LOGGER.info("plan: %s level, %s; encoder %s on %s (%s)", inputs.analysis_level, plan,
+                settings.method.encoder, settings.execution.device, settings.run.weights_source)
+    stored = {rec.bids_name: cache.store(rec) for recs in cohort.images.values() for rec in recs}
+    stored.update({rec.bids_name: cache.store(rec) for recs in images.values() for rec in recs})
+    selected_paths = {mod: [(r.bids_name, stored[r.bids_name]) for r in recs] for mod, recs in images.items()}
+    cohort_paths = {mod: [(r.bids_name, stored[r.bids_name]) for r in (cohort.images.get(mod) or recs)]
+                    for mod, recs in images.items()}
+    subjects = sorted({rec.subject for recs in images.values() for rec in recs})
+    _run_workflow(settings, settings_file, cache, selected_paths, cohort_paths, subjects)
+    chosen = {rec.bids_name for recs in images.values() for rec in recs}
+    skipped = sorted(name for name in cache.skipped() if name in chosen)
+    if inputs.analysis_level != "group":
         if skipped:
             LOGGER.error("%d image(s) skipped as bad data: %s (the group level lists them as skipped)",
                          len(skipped), ", ".join(skipped))
             return EXIT_FAILURE
-        LOGGER.info("participant level done: tokens cached in %s; run the group level next", cfg.work_dir)
+        LOGGER.info("participant level done: tokens cached in %s; run the group level next",
+                    settings.execution.work_dir)
         return 0
-    _write_dataset_files(cfg)
-    failed = _failed_images(cfg, records)
+    _write_dataset_files(settings)
+    failed = _failed_images(cache, images)
     if failed:
         LOGGER.error("%d image(s) failed or were skipped: %s (see the status and error columns of "
                      "group_*.tsv, and logs/)", len(failed), ", ".join(failed))
         return EXIT_FAILURE
-    LOGGER.info("done: outputs in %s", cfg.output_dir)
+    LOGGER.info("done: outputs in %s", inputs.output_dir)
     return 0
 
 
-def _check_batch_sizes(cfg: RunConfig, images: dict[str, list]) -> None:
-    from ..errors import BatchTooSmallError
+def _check_batch_sizes(settings: Settings, images: dict[str, list]) -> None:
+    from ..core.scoring import minimum_batch_size
 
+    fraction = settings.method.fraction
     for modality, recs in images.items():
         b = len(recs)
-        k = int(cfg.fraction * (b - 1))
+        k = int(fraction * (b - 1))
         if k < 1:
-            need = next(n for n in range(2, 10_000) if int(cfg.fraction * (n - 1)) >= 1)
+            need = minimum_batch_size(fraction)
             raise BatchTooSmallError(
                 f"{modality}: {b} image(s) is below the minimum batch: mutual scoring averages "
-                f"K = floor({cfg.fraction} * (B - 1)) = {k} nearest images",
-                path=cfg.bids_dir,
+                f"K = floor({fraction} * (B - 1)) = {k} nearest images",
+                path=settings.inputs.bids_dir,
                 fix=f"score at least {need} {modality} images together (drop the participant filter or "
                 f"add subjects), raise --fraction, or leave {modality} out with --modality",
             )
@@ -294,72 +272,39 @@ def _check_batch_sizes(cfg: RunConfig, images: dict[str, list]) -> None:
             LOGGER.warning("%s: batch of %d images; accuracy drops below B = 15 (paper Table 5)", modality, b)
 
 
-def _resolve_weights(cfg: RunConfig) -> None:
-    from ..core.models import resolve_weights
-
-    info = resolve_weights(cfg.encoder, weights=cfg.weights, allow_download=cfg.allow_download)
-    cfg.weights_sha256 = info.sha256
-    cfg.weights_source = info.source
-
-
-def _provenance(cfg: RunConfig) -> dict[str, Any]:
-    from ..core.models import encoder_info
-
-    info = encoder_info(cfg.encoder)
-    layers = list(cfg.layers or info["default_layers"])
-    return {
-        "version": __version__, "encoder": cfg.encoder, "timm_name": info.get("timm_name"),
-        "weights_sha256": cfg.weights_sha256, "weights_source": cfg.weights_source,
-        "is_test_encoder": bool(info.get("is_test")), "seed": cfg.random_seed,
-        "cube_size": cfg.cube_size, "fov_mm": cfg.fov_mm, "layers": layers,
-        "fraction": cfg.fraction, "projection_dim": cfg.projection_dim,
-        "codegraph": cfg.codegraph, "codegraph_pvalue": cfg.codegraph_pvalue,
-        "codegraph_resolution": cfg.codegraph_resolution, "device": cfg.device,
-        "precision": cfg.precision_effective, "threshold": cfg.threshold, "z_center": cfg.z_center,
-        "config_hash": cfg.key(tuple(sorted(cfg.method_dict()))), "run_id": cfg.run_id,
-        "command": " ".join(["cg3d"] + sys.argv[1:]),
-    }
-
-
-def _record_dict(record: Any) -> dict[str, Any]:
-    data = dataclasses.asdict(record) if dataclasses.is_dataclass(record) else dict(record)
-    return {k: (str(v) if isinstance(v, Path) else v) for k, v in data.items()}
-
-
-def _run_workflow(cfg: RunConfig, config_file: Path, records, cohort_records, provenance) -> None:
+def _run_workflow(settings: Settings, settings_file: Path, cache: WorkCache, selected, cohort,
+                  subjects: list[str]) -> None:
     from nipype import config as nipype_config
 
     from ..workflows.base import init_cg3d_wf
 
-    nprocs = cfg.nprocs or os.cpu_count() or 1
-    omp = cfg.omp_nthreads or max(1, (os.cpu_count() or 1) // nprocs)
+    execution = settings.execution
+    nprocs = execution.nprocs or os.cpu_count() or 1
+    omp = execution.omp_nthreads or max(1, (os.cpu_count() or 1) // nprocs)
     os.environ["OMP_NUM_THREADS"] = str(omp)
-    use_gpu = cfg.device.startswith("cuda")
-    crash_dir = cfg.work_dir / "crash" / cfg.run_id
+    use_gpu = execution.device.startswith("cuda")
     nipype_config.update_config({
         "execution": {
-            "crashdump_dir": str(crash_dir), "crashfile_format": "txt",
+            "crashdump_dir": str(cache.run_dir / "crash"), "crashfile_format": "txt",
             "stop_on_first_crash": "true", "remove_unnecessary_outputs": "false",
-            "hash_method": "content", "create_report": "false",
+            "hash_method": "timestamp", "create_report": "false",
             # MultiProc polls its workers every 2 s by default: seconds lost per node on small runs
             "poll_sleep_duration": "0.2",
         },
         "monitoring": {"enabled": "false"},
     })
-    # nipype's own node folders are per run: concurrent participant calls sharing the work dir
-    # must not step on each other's (cg3d's content-keyed caches live beside, shared and safe).
-    nipype_dir = cfg.work_dir / "nipype" / cfg.run_id
-    wf = init_cg3d_wf(
-        config_file=config_file, analysis_level=cfg.analysis_level, selected=records,
-        cohort=cohort_records, provenance=provenance, use_gpu=use_gpu, n_token_chunks=nprocs,
-        base_dir=nipype_dir,
-    )
-    plugin, plugin_args = _plugin(cfg, nprocs, use_gpu)
+    # nipype's node folders are per run: concurrent participant calls sharing the work dir never
+    # step on each other's (the content-keyed work cache beside them is shared and safe).
+    nipype_dir = cache.run_dir / "nipype"
+    wf = init_cg3d_wf(settings_file=settings_file, analysis_level=settings.inputs.analysis_level,
+                      selected=selected, cohort=cohort, subjects=subjects, use_gpu=use_gpu,
+                      n_chunks=nprocs, base_dir=nipype_dir)
+    plugin, plugin_args = _plugin(settings, nprocs, use_gpu)
     t0 = time.monotonic()
     try:
         wf.run(plugin=plugin, plugin_args=plugin_args)
     except Exception as exc:
-        _raise_recorded_error(cfg, exc)
+        _raise_recorded_error(settings, cache, exc)
     LOGGER.info("workflow finished in %.1f s", time.monotonic() - t0)
     shutil.rmtree(nipype_dir, ignore_errors=True)  # kept after a failure, for debugging
 
@@ -386,74 +331,72 @@ def read_plugin_file(path: Path) -> tuple[str, dict[str, Any]]:
     return name, dict(plugin_args)
 
 
-def _plugin(cfg: RunConfig, nprocs: int, use_gpu: bool) -> tuple[str, dict[str, Any]]:
-    if cfg.use_plugin:
-        return read_plugin_file(cfg.use_plugin)
+def _plugin(settings: Settings, nprocs: int, use_gpu: bool) -> tuple[str, dict[str, Any]]:
+    execution = settings.execution
+    if execution.use_plugin:
+        return read_plugin_file(execution.use_plugin)
     if nprocs == 1:
         return "Linear", {}
     args: dict[str, Any] = {"n_procs": nprocs, "raise_insufficient": False}
-    if cfg.mem_gb:
-        args["memory_gb"] = cfg.mem_gb
+    if execution.mem_gb:
+        args["memory_gb"] = execution.mem_gb
     if use_gpu:
         args["n_gpu_procs"] = 1
         args["mp_context"] = "spawn"  # CUDA cannot be used in forked workers
     return "MultiProc", args
 
 
-def _raise_recorded_error(cfg: RunConfig, exc: Exception) -> None:
-    """Turn a nipype failure into the first recorded cg3d error (with its exit code)."""
-    from ..errors import Cg3dError as Base
-
-    errors = sorted((cfg.work_dir / "errors" / cfg.run_id).glob("*.json"))
-    if errors:
-        info = json.loads(errors[0].read_text())
-        message = info["message"]
-        exit_code = int(info.get("exit_code", EXIT_FAILURE))
-        if exit_code == EXIT_DATAERR and not cfg.skip_bad_images:
-            message += "\n  or: rerun with --skip-bad-images to score the other images and list this one as skipped"
-        error = Base(message)
-        error.exit_code = exit_code
-        if "OutOfMemoryError" in info.get("type", "") or "out of memory" in info["message"]:
-            raise TempFailError("the GPU ran out of memory: " + info["message"],
-                                fix="lower --slice-batch (e.g. 32) or --score-chunk-mb")
-        raise error
-    raise Base(f"the workflow failed: {exc}", fix=f"see the crash files in {cfg.work_dir / 'crash' / cfg.run_id}")
+def _raise_recorded_error(settings: Settings, cache: WorkCache, exc: Exception) -> None:
+    """Turn a nipype failure into the first recorded cg3d error (by time), with its exit code."""
+    failure = cache.first_failure()
+    if failure is None:
+        raise Cg3dError(f"the workflow failed: {exc}", fix=f"see the crash files in {cache.run_dir / 'crash'}")
+    message = failure.message
+    if failure.exit_code == EXIT_DATAERR and not settings.execution.skip_bad_images:
+        message += "\n  or: rerun with --skip-bad-images to score the other images and list this one as skipped"
+    error = Cg3dError(message)
+    error.exit_code = failure.exit_code
+    raise error
 
 
-def _failed_images(cfg: RunConfig, records) -> list[str]:
+def _failed_images(cache: WorkCache, images: dict[str, list]) -> list[str]:
+    from .. import records as rec
+
     failed = []
-    for modality, recs in records.items():
-        for rec in recs:
-            path = cfg.work_dir / "results" / modality / f"{rec['bids_name']}.json"
-            if not path.exists() or json.loads(path.read_text()).get("status") != "ok":
-                failed.append(rec["bids_name"])
+    for modality, recs in images.items():
+        for image in recs:
+            path = cache.run_dir / "results" / modality / f"{image.bids_name}.json"
+            if not path.exists() or not rec.load(path, rec.ImageResult).ok:
+                failed.append(image.bids_name)
     return failed
 
 
-def _write_dataset_files(cfg: RunConfig) -> None:
+def _write_dataset_files(settings: Settings) -> None:
     from ..bids.derivatives import write_bidsignore, write_dataset_description, write_readme
 
-    write_dataset_description(cfg.output_dir, bids_dir=cfg.bids_dir, version=__version__,
-                              derivatives=cfg.derivatives)
-    write_bidsignore(cfg.output_dir)
-    write_readme(cfg.output_dir)
+    write_dataset_description(settings.inputs.output_dir, bids_dir=settings.inputs.bids_dir, version=__version__,
+                              derivatives=settings.inputs.derivatives)
+    write_bidsignore(settings.inputs.output_dir)
+    write_readme(settings.inputs.output_dir)
 
 
-def _finalise_logs(cfg: RunConfig) -> None:
+def _finalise_logs(settings: Settings, cache: WorkCache) -> None:
+    """``logs/``: the run's settings, log, timings and (group level) the citation text."""
     from ..atomic import write_text
-
-    logs = cfg.output_dir / "logs"
-    write_text(logs / f"config-{cfg.run_id}.toml", cfg.to_toml())
-    source = cfg.work_dir / "runs" / f"cg3d-{cfg.run_id}.log"
-    if source.exists():
-        write_text(logs / f"cg3d-{cfg.run_id}.log", source.read_text())
     from .citation import citation_markdown
 
-    write_text(logs / "CITATION.md", citation_markdown(cfg))
+    logs = settings.inputs.output_dir / "logs"
+    run_id = settings.run.run_id
+    write_text(logs / f"config-{run_id}.toml", settings.to_toml())
+    log = cache.run_dir / "cg3d.log"
+    if log.exists():
+        write_text(logs / f"cg3d-{run_id}.log", log.read_text())
+    timings.write_tsv(logs / f"timings-{run_id}.tsv", timings.collect(cache.run_dir / "timings"))
+    if settings.inputs.analysis_level == "group":
+        write_text(logs / "CITATION.md", citation_markdown(settings))
 
 
-def _add_file_log(cfg: RunConfig) -> logging.FileHandler:
-    path = cfg.work_dir / "runs" / f"cg3d-{cfg.run_id}.log"
+def _add_file_log(path: Path) -> logging.FileHandler:
     path.parent.mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(path)
     handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s: %(message)s"))
@@ -464,7 +407,3 @@ def _add_file_log(cfg: RunConfig) -> logging.FileHandler:
 def _remove_if_empty(path: Path, existed: bool) -> None:
     if not existed and path.is_dir() and not any(path.iterdir()):
         path.rmdir()
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())

@@ -1,24 +1,83 @@
-"""Token scores -> voxel maps, and per-subject summary numbers (CoDeGraph3D Sec. 3.2, method.md §5).
+"""Token scores -> voxel maps, the probseg transform, and per-subject summary numbers
+(CoDeGraph3D Sec. 3.2, method.md §5).
 
 Plain functions on arrays. The coarse ``(G, G, G)`` map is resized trilinearly to the ``(H, H, H)``
 cube (``torch.nn.functional.interpolate``, ``align_corners=False``: voxel centres of each
-``p^3`` block sit symmetrically around the token centre); voxels outside the brain mask are 0.
+``p^3`` block sit symmetrically around the token centre) and mapped to the image's native grid
+with the cube's affine (:func:`scores_to_native`); voxels outside the brain mask are 0.
+
+The raw map is a distance (unbounded). ``probseg = logistic(z - z_center)`` with ``z`` the robust
+z-score of the raw value against the batch's brain-token scores (median, 1.4826 MAD:
+:func:`robust_stats`), so probseg 0.5 is ``z_center`` robust standard deviations above the batch.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 from scipy import ndimage
 
-__all__ = ["average_layers", "connected_components", "subject_summary", "token_map_to_cube"]
+__all__ = [
+    "Component", "SubjectSummary", "average_layers", "connected_components", "probseg_transform",
+    "robust_stats", "scores_to_native", "subject_summary", "token_map_to_cube",
+]
 
 #: Components listed in a summary (largest first); ``n_components`` counts all of them.
 MAX_COMPONENTS = 50
+#: Consistency constant of the MAD for a normal distribution (scale = 1.4826 MAD).
+MAD_TO_SD = 1.4826
+#: Floor of the robust scale (a batch of identical scores would divide by zero).
+MIN_SCALE = 1e-12
+
+
+@dataclass(frozen=True)
+class Component:
+    """A connected component of an anomaly mask (26-connectivity). ``peak`` is the maximum of the
+    map passed as ``values`` to :func:`connected_components` (the RAW score in the pipeline)."""
+
+    label: int
+    n_voxels: int
+    volume_mm3: float
+    centroid_voxel: tuple[float, ...]
+    centroid_mm: tuple[float, ...] | None
+    peak: float
+    peak_voxel: tuple[int, ...]
+    peak_mm: tuple[float, ...] | None
+
+
+@dataclass(frozen=True)
+class SubjectSummary:
+    """Summary numbers of one anomaly map (see :func:`subject_summary`)."""
+
+    score_max: float
+    score_top1pct: float
+    top_fraction: float
+    brain_voxels: int
+    brain_volume_mm3: float
+    threshold: float | None
+    anomaly_voxels: int
+    anomaly_volume_mm3: float
+    n_components: int
+    components: tuple[Component, ...]
+
+
+def robust_stats(scores: np.ndarray) -> tuple[float, float]:
+    """``(median, 1.4826 * MAD)`` of ``scores`` (in their own dtype), the scale floored at 1e-12."""
+    values = np.asarray(scores).ravel()
+    if values.size == 0:
+        raise ValueError("robust_stats needs at least one score")
+    median = float(np.median(values))
+    mad = float(np.median(np.abs(values - median)) * MAD_TO_SD)
+    return median, max(mad, MIN_SCALE)
+
+
+def probseg_transform(raw: np.ndarray, median: float, scale: float, z_center: float) -> np.ndarray:
+    """Monotone map of raw scores to [0, 1]: ``logistic((raw - median) / scale - z_center)``, float32."""
+    z = (np.asarray(raw) - median) / scale
+    return (1.0 / (1.0 + np.exp(-(z - z_center)))).astype(np.float32)
 
 
 def average_layers(scores_per_layer: np.ndarray) -> np.ndarray:
@@ -36,6 +95,9 @@ def token_map_to_cube(
 
     Trilinear upsampling of the ``(G, G, G)`` grid to ``size``; voxels outside ``mask`` are 0.
     """
+    import torch
+    import torch.nn.functional as F
+
     scores = np.asarray(scores, dtype=np.float32)
     grid, size = int(grid), int(size)
     if scores.shape != (grid**3,):
@@ -51,11 +113,11 @@ def token_map_to_cube(
     return np.ascontiguousarray(cube, dtype=np.float32)
 
 
-def _world(affine: np.ndarray | None, ijk: np.ndarray) -> list[float] | None:
+def _world(affine: np.ndarray | None, ijk: Any) -> tuple[float, ...] | None:
     if affine is None:
         return None
     affine = np.asarray(affine, dtype=np.float64)
-    return [float(v) for v in affine[:3, :3] @ np.asarray(ijk, dtype=np.float64) + affine[:3, 3]]
+    return tuple(float(v) for v in affine[:3, :3] @ np.asarray(ijk, dtype=np.float64) + affine[:3, 3])
 
 
 def connected_components(
@@ -64,13 +126,9 @@ def connected_components(
     voxel_volume_mm3: float,
     affine: np.ndarray | None = None,
     max_components: int | None = MAX_COMPONENTS,
-) -> tuple[int, list[dict[str, Any]]]:
-    """26-connected components of ``binary``: (count, records largest first).
-
-    Each record: ``label``, ``n_voxels``, ``volume_mm3``, ``centroid_voxel`` and ``centroid_mm``
-    (``None`` without ``affine``), ``peak`` (max of ``values`` inside), ``peak_voxel``,
-    ``peak_mm``.
-    """
+) -> tuple[int, list[Component]]:
+    """26-connected components of ``binary``: (count, :class:`Component` records, largest first;
+    world mm through ``affine``, None without it)."""
     binary = np.asarray(binary, dtype=bool)
     labels, count = ndimage.label(binary, structure=np.ones((3, 3, 3), dtype=bool))
     if count == 0:
@@ -86,19 +144,14 @@ def connected_components(
     peak_pos = ndimage.maximum_position(values, labels, chosen)
     records = []
     for rank, label in enumerate(chosen):
-        centroid = [float(v) for v in centroids[rank]]
-        peak_voxel = [int(v) for v in peak_pos[rank]]
+        centroid = tuple(float(v) for v in centroids[rank])
+        peak_voxel = tuple(int(v) for v in peak_pos[rank])
         n_vox = int(sizes[label - 1])
-        records.append({
-            "label": int(label),
-            "n_voxels": n_vox,
-            "volume_mm3": float(n_vox * voxel_volume_mm3),
-            "centroid_voxel": centroid,
-            "centroid_mm": _world(affine, centroid),
-            "peak": float(peaks[rank]),
-            "peak_voxel": peak_voxel,
-            "peak_mm": _world(affine, peak_voxel),
-        })
+        records.append(Component(
+            label=int(label), n_voxels=n_vox, volume_mm3=float(n_vox * voxel_volume_mm3),
+            centroid_voxel=centroid, centroid_mm=_world(affine, centroid), peak=float(peaks[rank]),
+            peak_voxel=peak_voxel, peak_mm=_world(affine, peak_voxel),
+        ))
     return int(count), records
 
 
@@ -112,8 +165,8 @@ def subject_summary(
     affine: np.ndarray | None = None,
     top_fraction: float = 0.01,
     max_components: int | None = MAX_COMPONENTS,
-) -> dict[str, Any]:
-    """Summary numbers of one anomaly map (JSON-ready).
+) -> SubjectSummary:
+    """Summary numbers of one anomaly map.
 
     Over brain voxels: ``score_max`` (the subject score), ``score_top1pct`` (mean of the top
     ``top_fraction`` of brain voxels, at least one), ``brain_volume_mm3``. The anomalous region is
@@ -150,15 +203,26 @@ def subject_summary(
         anomaly_voxels = int(region.sum())
     else:
         n_components, components, anomaly_voxels = 0, [], 0
-    return {
-        "score_max": score_max,
-        "score_top1pct": score_top,
-        "top_fraction": float(top_fraction),
-        "brain_voxels": n_brain,
-        "brain_volume_mm3": float(n_brain * voxel_volume_mm3),
-        "threshold": None if threshold is None else float(threshold),
-        "anomaly_voxels": anomaly_voxels,
-        "anomaly_volume_mm3": float(anomaly_voxels * voxel_volume_mm3),
-        "n_components": n_components,
-        "components": components,
-    }
+    return SubjectSummary(
+        score_max=score_max, score_top1pct=score_top, top_fraction=float(top_fraction),
+        brain_voxels=n_brain, brain_volume_mm3=float(n_brain * voxel_volume_mm3),
+        threshold=None if threshold is None else float(threshold), anomaly_voxels=anomaly_voxels,
+        anomaly_volume_mm3=float(anomaly_voxels * voxel_volume_mm3), n_components=n_components,
+        components=tuple(components),
+    )
+
+
+def scores_to_native(token_scores: np.ndarray, grid: int, cube_mask: np.ndarray, cube_affine: np.ndarray,
+                     native_image, brain_native: np.ndarray) -> np.ndarray:
+    """Raw token scores ``(N,)`` -> float32 map on the native grid of ``native_image``.
+
+    Trilinear upsampling to the cube (0 outside ``cube_mask``), then trilinear resampling to the
+    native grid through ``cube_affine`` (cube voxel -> world mm); 0 outside ``brain_native``.
+    """
+    from .preprocessing import cube_to_native
+
+    size = int(np.asarray(cube_mask).shape[0])
+    cube_map = token_map_to_cube(token_scores, grid, size, cube_mask)
+    brain = np.asarray(brain_native, dtype=bool)
+    raw = cube_to_native(cube_map, cube_affine, native_image, brain)
+    return np.where(brain, raw, 0.0).astype(np.float32)

@@ -54,6 +54,23 @@ class TokenSet:
     info: dict[str, Any] = field(default_factory=dict)  #: encoder, weights, timings, counts
 
 
+class _EncodeClock:
+    """Wall and process-CPU time spent in the encoder's forward passes (CUDA synchronised)."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = torch.device(device).type == "cuda"
+        self.wall = self.cpu = 0.0
+
+    def __enter__(self) -> None:
+        self._t0, self._c0 = time.perf_counter(), time.process_time()
+
+    def __exit__(self, *exc: object) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+        self.wall += time.perf_counter() - self._t0
+        self.cpu += time.process_time() - self._c0
+
+
 def token_validity(mask: np.ndarray, patch: int) -> np.ndarray:
     """``(N,)`` bool: token ``(gx, gy, gz)`` is valid when its ``patch^3`` block overlaps ``mask``."""
     mask = np.asarray(mask, dtype=bool)
@@ -154,6 +171,7 @@ def tokenize_volume(
     volume = torch.from_numpy(np.ascontiguousarray(cube, dtype=np.float32)).to(dev)
     black_feats: torch.Tensor | None = None
     n_encoded = n_black = 0
+    clock = _EncodeClock(dev)
     per_axis = []
     with torch.inference_mode():
         for _name, axis in AXES:
@@ -170,12 +188,14 @@ def tokenize_volume(
                 todo = torch.from_numpy(np.flatnonzero(~black_cpu[s0:s1])).to(dev)
                 for b0 in range(0, len(todo), batch):
                     idx = todo[b0:b0 + batch]
-                    feats[:, idx] = encoder.forward_slices(slices[s0 + idx], precision=mode)
+                    with clock:
+                        feats[:, idx] = encoder.forward_slices(slices[s0 + idx], precision=mode)
                     n_encoded += len(idx)
                 n_black_here = (s1 - s0) - len(todo)
                 if n_black_here:
                     if black_feats is None:
-                        black_feats = encoder.forward_slices(torch.zeros_like(slices[:1]), precision=mode)
+                        with clock:
+                            black_feats = encoder.forward_slices(torch.zeros_like(slices[:1]), precision=mode)
                         n_encoded += 1
                     feats[:, torch.from_numpy(np.flatnonzero(black_cpu[s0:s1])).to(dev)] = black_feats
                     n_black += n_black_here
@@ -198,6 +218,7 @@ def tokenize_volume(
             "weights_source": getattr(encoder, "weights_source", None), "precision": mode,
             "device": str(dev), "projection_dim": int(projection_dim), "seed": int(seed),
             "slice_batch": batch, "encoded_slices": n_encoded, "black_slices": n_black,
-            "seconds": time.perf_counter() - t_start,
+            "seconds": time.perf_counter() - t_start, "encode_seconds": clock.wall,
+            "encode_cpu_seconds": clock.cpu,
         },
     )

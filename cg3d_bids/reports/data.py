@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-#: Subject and session labels accepted by the report writers (BIDS label: alphanumeric).
-LABEL_RE = re.compile(r"[0-9A-Za-z]+")
+from ..bids.naming import LABEL_RE, output_paths
+from ..records import ImageResult as ResultRecord
 
 #: Source entities that are shown as sub-headings (in BIDS order), after subject and session.
 _SHOWN_ENTITIES = ("task", "acquisition", "acq", "ce", "rec", "dir", "run", "echo", "part", "chunk")
@@ -165,6 +165,22 @@ class Provenance:
         rows = [(k, v) for k, v in labels if v not in (None, "")]
         rows += [(k, v) for k, v in sorted(self.extra.items()) if v not in (None, "")]
         return rows
+
+
+def report_image(result: ResultRecord, out_dir: Path, n_images: int) -> ImageResult:
+    """The report's view of one image's :class:`~cg3d_bids.records.ImageResult` (paths in ``out_dir``)."""
+    image = result.image
+    paths = output_paths(image, out_dir)
+    return ImageResult(
+        bids_name=image.bids_name, subject=image.subject, session=image.session, modality=image.modality,
+        entities=dict(image.entities), image_path=image.path, probseg_path=paths["probseg"],
+        anomaly_mask_path=paths["anomaly_mask"], brain_mask_path=paths["brain_mask"],
+        score=float(result.score_max) if result.ok and result.score_max is not None else float("nan"),
+        rank=int(result.rank or 0),
+        percentile=float(result.score_percentile) if result.score_percentile is not None else float("nan"),
+        n_images=n_images, flagged=result.flagged, anomalous_volume_mm3=float(result.anomaly_volume_mm3 or 0.0),
+        components=[dataclasses.asdict(c) for c in result.components], status=result.status, error=result.error,
+    )
 
 
 def image_anchor(bids_name: str) -> str:

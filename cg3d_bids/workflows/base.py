@@ -1,149 +1,140 @@
-"""The nipype workflow of a cg3d run.
+"""The nipype workflow of a cg3d run: the stages (:mod:`cg3d_bids.stages`) wired per modality.
 
 Per modality batch::
 
     prepare (MapNode, one per image of the landmark cohort)
       -> landmarks (Nyul, learned from the cohort)
       -> tokenize (MapNode over chunks of the selected images; GPU node on CUDA)
-      -> score (one node: the whole batch)                                   [group only]
+      -> score (the whole batch)                                             [group only]
       -> outputs (MapNode, one per image)                                    [group only]
       -> group (table + group report)                                        [group only]
-    all modalities -> subject reports                                        [group only]
+    all modalities -> subject reports (MapNode over chunks of subjects)      [group only]
 
 ``participant`` stops after ``tokenize``: tokens are cached in the work directory and a later
 ``group`` run picks them up. The landmark cohort is every image of the modality that passes the
 BIDS filters (participant and session filters excluded), so participant jobs and the group job
-standardise intensities identically.
+standardise intensities identically. Nodes exchange file paths of stored records; nipype's node
+folders are per run (``base_dir``) and are not a cache: the work cache is (:mod:`cg3d_bids.cache`).
 """
 
 from __future__ import annotations
 
-import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from nipype.interfaces.utility import Function, Merge
 from nipype.pipeline import engine as pe
 
-from ..interfaces.group import WriteGroupOutputs, WriteSubjectReports
-from ..interfaces.stages import (
+from ..interfaces.stage import (
     ComputeLandmarks,
     PrepareImage,
     ScoreBatch,
     TokenizeImages,
+    WriteGroupOutputs,
     WriteImageOutputs,
+    WriteSubjectReports,
 )
 
+__all__ = ["chunks", "init_cg3d_wf", "prepare_order"]
 
-def _chunks(items: list[Any], n_chunks: int) -> list[list[Any]]:
+
+def chunks(items: Sequence[Any], n_chunks: int) -> list[list[Any]]:
+    """``items`` dealt round-robin into at most ``n_chunks`` non-empty lists."""
     n_chunks = max(1, min(n_chunks, len(items)))
-    return [items[i::n_chunks] for i in range(n_chunks)]
+    return [list(items[i::n_chunks]) for i in range(n_chunks)]
 
 
-def prepare_order(cohort: list[dict[str, Any]], selected: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The order in which to prepare the cohort's images: the selected ones first, then the rest
-    of the cohort walked from the first selected image's position (wrapping around).
+def prepare_order(cohort: Sequence[str], selected: Sequence[str]) -> list[str]:
+    """The order in which to prepare the cohort's images (bids names): the selected ones first,
+    then the rest of the cohort walked from the first selected image's position (wrapping around).
 
     Every ``participant`` call needs the whole cohort prepared (batch Nyul landmarks). Calls for
     different subjects running at the same time on a shared work dir then start at different
     places and find most of the others' images already cached, instead of all preparing the
     cohort in the same order at once. The result does not depend on the order.
     """
-    chosen = {rec["bids_name"] for rec in selected}
-    start = next((i for i, rec in enumerate(cohort) if rec["bids_name"] in chosen), 0)
-    rotated = cohort[start:] + cohort[:start]
-    return ([rec for rec in rotated if rec["bids_name"] in chosen]
-            + [rec for rec in rotated if rec["bids_name"] not in chosen])
+    chosen = set(selected)
+    start = next((i for i, name in enumerate(cohort) if name in chosen), 0)
+    rotated = list(cohort[start:]) + list(cohort[:start])
+    return [n for n in rotated if n in chosen] + [n for n in rotated if n not in chosen]
 
 
-def _order_tokens(token_files: list[list[str]], names: list[str]) -> list[str]:
-    """Token files back in batch order (chunks interleave the images)."""
-    from pathlib import Path
+def select_prepared(prepared: list[str], names: list[str], n_chunks: int) -> tuple[list[str], list[list[str]]]:
+    """The prepared-image files of ``names`` in that order, and the same dealt into chunks.
 
-    flat = [item for chunk in token_files for item in chunk if item]  # "": skipped image
-    by_name = {Path(path).name.rsplit("_", 1)[0]: path for path in flat}
-    return [by_name.get(name, "") for name in names]
+    (A nipype ``Function``: self-contained, imports inside.)
+    """
+    from cg3d_bids.records import load_fields
+    from cg3d_bids.workflows.base import chunks
+
+    by_name = {load_fields(path, ("image",))["image"]["bids_name"]: path for path in prepared}
+    ordered = [by_name[name] for name in names]
+    return ordered, chunks(ordered, n_chunks)
 
 
 def init_cg3d_wf(
     *,
-    config_file: Path,
+    settings_file: Path,
     analysis_level: str,
-    selected: dict[str, list[dict[str, Any]]],
-    cohort: dict[str, list[dict[str, Any]]],
-    provenance: dict[str, Any],
+    selected: dict[str, list[tuple[str, Path]]],
+    cohort: dict[str, list[tuple[str, Path]]],
+    subjects: list[str],
     use_gpu: bool,
-    n_token_chunks: int,
+    n_chunks: int,
     base_dir: Path,
 ) -> pe.Workflow:
-    """Build the workflow. ``selected``/``cohort``: image records (dicts) per modality."""
+    """Build the workflow.
+
+    ``selected`` / ``cohort``: per modality, ``(bids_name, stored ImageRecord path)`` in batch
+    order (the images to process / every image of the modality, for the landmarks);
+    ``subjects``: labels of the subject reports; ``n_chunks``: parallel chunks of the tokenize
+    (CPU) and reports map nodes.
+    """
     wf = pe.Workflow(name="cg3d_wf", base_dir=str(base_dir))
-    config = str(config_file)
-    group_nodes = []
+    config = str(settings_file)
+    groups = []
     for modality, records in selected.items():
-        cohort_records = cohort[modality]
-        prepare = pe.MapNode(
-            PrepareImage(config_file=config), iterfield=["record"], name=f"prepare_{modality}",
-        )
-        prepare.inputs.record = [json.dumps(rec) for rec in prepare_order(cohort_records, records)]
-        landmarks = pe.Node(
-            ComputeLandmarks(config_file=config, modality=modality), name=f"landmarks_{modality}"
-        )
-        chunks = _chunks(records, 1 if use_gpu else n_token_chunks)
-        tokenize = pe.MapNode(
-            TokenizeImages(config_file=config, use_gpu=use_gpu), iterfield=["records"],
-            name=f"tokenize_{modality}",
-        )
-        tokenize.inputs.records = [json.dumps(chunk) for chunk in chunks]
+        names = [name for name, _ in records]
+        cohort_paths = dict(cohort[modality])
+        prepare = pe.MapNode(PrepareImage(settings_file=config), iterfield=["image"], name=f"prepare_{modality}")
+        prepare.inputs.image = [str(cohort_paths[n]) for n in prepare_order(list(cohort_paths), names)]
+        landmarks = pe.Node(ComputeLandmarks(settings_file=config, modality=modality),
+                            name=f"landmarks_{modality}")
+        select = pe.Node(Function(input_names=["prepared", "names", "n_chunks"],
+                                  output_names=["ordered", "chunks"], function=select_prepared),
+                         name=f"select_{modality}")
+        select.inputs.names = names
+        select.inputs.n_chunks = 1 if use_gpu else n_chunks
+        tokenize = pe.MapNode(TokenizeImages(settings_file=config, use_gpu=use_gpu), iterfield=["prepared"],
+                              name=f"tokenize_{modality}")
         wf.connect([
-            (prepare, landmarks, [("out_file", "prep_files")]),
-            (landmarks, tokenize, [("out_file", "landmarks_file")]),
+            (prepare, landmarks, [("out_file", "prepared")]),
+            (prepare, select, [("out_file", "prepared")]),
+            (select, tokenize, [("chunks", "prepared")]),
+            (landmarks, tokenize, [("out_file", "landmarks")]),
         ])
         if analysis_level != "group":
             continue
-        names = [rec["bids_name"] for rec in records]
-        score = pe.Node(
-            ScoreBatch(config_file=config, modality=modality, use_gpu=use_gpu), name=f"score_{modality}"
-        )
-        order = pe.Node(
-            Function(input_names=["token_files", "names"], output_names=["ordered"], function=_order_tokens),
-            name=f"order_{modality}",
-        )
-        order.inputs.names = names
-        outputs = pe.MapNode(
-            WriteImageOutputs(config_file=config, provenance=json.dumps(provenance)),
-            iterfield=["record", "token_file"], name=f"outputs_{modality}",
-        )
-        outputs.inputs.record = [json.dumps(rec) for rec in records]
-        group = pe.Node(
-            WriteGroupOutputs(config_file=config, modality=modality, provenance=json.dumps(provenance),
-                              records=json.dumps(records)),
-            name=f"group_{modality}",
-        )
+        score = pe.Node(ScoreBatch(settings_file=config, order=names, modality=modality, use_gpu=use_gpu),
+                        name=f"score_{modality}")
+        outputs = pe.MapNode(WriteImageOutputs(settings_file=config), iterfield=["prepared"],
+                             name=f"outputs_{modality}")
+        group = pe.Node(WriteGroupOutputs(settings_file=config, modality=modality), name=f"group_{modality}")
         wf.connect([
-            (tokenize, order, [("token_files", "token_files")]),
-            (order, score, [("ordered", "token_files")]),
-            (order, outputs, [("ordered", "token_file")]),
-            (score, outputs, [("out_file", "score_file")]),
-            (outputs, group, [("out_file", "result_files")]),
-            (score, group, [("out_file", "score_file")]),
+            (tokenize, score, [("out_files", "tokens")]),
+            (select, outputs, [("ordered", "prepared")]),
+            (score, outputs, [("out_file", "scores")]),
+            (outputs, group, [("out_file", "results")]),
+            (score, group, [("out_file", "scores")]),
         ])
-        group_nodes.append(group)
-    if analysis_level == "group" and group_nodes:
-        subjects = sorted({rec["subject"] for records in selected.values() for rec in records})
-        reports = pe.MapNode(  # subject reports in parallel chunks (figures dominate the time)
-            WriteSubjectReports(config_file=config, provenance=json.dumps(provenance)),
-            iterfield=["subjects"], name="subject_reports",
-        )
-        reports.inputs.subjects = _chunks(subjects, n_token_chunks)
-        merge = pe.Node(Merge(len(group_nodes)), name="merge_groups")
-        for i, node in enumerate(group_nodes, 1):
+        groups.append(group)
+    if analysis_level == "group" and groups:
+        reports = pe.MapNode(WriteSubjectReports(settings_file=config), iterfield=["subjects"],
+                             name="subject_reports")
+        reports.inputs.subjects = chunks(sorted(subjects), n_chunks)
+        merge = pe.Node(Merge(len(groups)), name="merge_groups")
+        for i, node in enumerate(groups, 1):
             wf.connect(node, "out_file", merge, f"in{i}")
-        wf.connect(merge, "out", reports, "group_files")
-    for node_name in wf.list_node_names():
-        node = wf.get_node(node_name)
-        # Our stages keep their own content-keyed caches, and the run configuration (with its
-        # run id) is an input of every node, so nipype's hashes never skip work of a new run.
-        # MapNodes must not be forced: under MultiProc the master re-runs forced sub-nodes.
-        node.overwrite = None if isinstance(node, pe.MapNode) else True
+        wf.connect(merge, "out", reports, "groups")
     return wf

@@ -16,11 +16,12 @@ from .encoders import (
     resolve_precision,
     resolve_weights,
 )
-from .weights import RANDOM_INIT_SOURCE, WeightsInfo, file_sha256, hf_cache_dir
+from .registry import all_encoder_names
+from .weights import RANDOM_INIT_SOURCE, WeightsInfo, hf_cache_dir
 
 __all__ = [
     "DEFAULT_ENCODER", "ENCODERS", "PRECISIONS", "RANDOM_INIT_SOURCE", "TEST_ENCODER",
     "TEST_ENCODERS", "TEST_ENCODER_NOPREFIX", "EncoderSpec", "SliceEncoder", "WeightsInfo",
-    "create_encoder", "encoder_info", "file_sha256", "get_spec", "hf_cache_dir", "list_encoders",
+    "all_encoder_names", "create_encoder", "encoder_info", "get_spec", "hf_cache_dir", "list_encoders",
     "resolve_precision", "resolve_weights",
 ]

@@ -22,17 +22,14 @@ call can stall on the network.
 
 from __future__ import annotations
 
-import hashlib
 import os
-import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from ...errors import WeightsUnavailableError
+from ...hashing import file_sha256
+from .registry import EncoderSpec
 
-if TYPE_CHECKING:  # pragma: no cover
-    from .encoders import EncoderSpec
 
 __all__ = [
     "WEIGHT_SUFFIXES", "WeightsInfo", "downloads_allowed", "file_sha256", "hf_cache_dir",
@@ -43,8 +40,6 @@ WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
 RANDOM_INIT_SOURCE = "random-init (test encoder: results mean nothing)"
 HUB_FILENAMES = ("model.safetensors", "pytorch_model.bin")
 
-_SHA_CACHE: dict[tuple[str, int, int], str] = {}
-_SHA_LOCK = threading.Lock()
 _OFFLINE_SET_BY_US = False
 
 
@@ -59,24 +54,6 @@ class WeightsInfo:
     kind: str                #: file | baked | hf-cache | torch-hub-cache | hf-download | random-init
     is_test: bool = False    #: test encoder: results mean nothing
 
-
-def file_sha256(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
-    """Streaming sha256 of a file, cached per (real path, mtime, size) for the process."""
-    real = os.path.realpath(path)
-    stat = os.stat(real)
-    key = (real, stat.st_mtime_ns, stat.st_size)
-    with _SHA_LOCK:
-        cached = _SHA_CACHE.get(key)
-    if cached is not None:
-        return cached
-    digest = hashlib.sha256()
-    with open(real, "rb") as handle:
-        for block in iter(lambda: handle.read(chunk), b""):
-            digest.update(block)
-    value = digest.hexdigest()
-    with _SHA_LOCK:
-        _SHA_CACHE[key] = value
-    return value
 
 
 def downloads_allowed(allow_download: bool | None = None) -> bool:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from .cube import Cube, cube_to_native, make_cube
 from .io import (
     MappedMask,
+    from_canonical,
     load_image,
     load_image_pair,
     load_mask_for_image,
@@ -26,7 +27,7 @@ from .skullstrip import SkullstripUnavailableError, require_deepbet, skullstrip 
 
 
 __all__ = [
-    "Cube", "MappedMask", "PERCENTILES", "cube_to_native", "landmarks_from_percentiles",
+    "Cube", "MappedMask", "from_canonical", "PERCENTILES", "cube_to_native", "landmarks_from_percentiles",
     "learn_landmarks", "load_image", "load_image_pair", "load_mask_for_image", "load_native",
     "make_cube", "map_mask_to_image", "nonzero_mask", "require_deepbet", "skullstrip",
     "SkullstripUnavailableError", "standardise", "to_canonical",

@@ -98,6 +98,16 @@ def load_image(path: PathLike) -> nib.Nifti1Image:
     return to_canonical(load_native(path))
 
 
+def from_canonical(data: np.ndarray, native: nib.spatialimages.SpatialImage) -> np.ndarray:
+    """An array on ``native``'s RAS+ (closest canonical) grid put back on ``native``'s own grid.
+
+    Undoes :func:`nibabel.as_closest_canonical` (axis flips and permutations only, exact).
+    """
+    native_ornt = nib.orientations.io_orientation(native.affine)
+    ras = nib.orientations.axcodes2ornt(("R", "A", "S"))
+    return nib.orientations.apply_orientation(np.asarray(data), nib.orientations.ornt_transform(ras, native_ornt))
+
+
 def load_image_pair(path: PathLike) -> tuple[nib.Nifti1Image, nib.Nifti1Image]:
     """``(native, canonical)`` images from one read of ``path``."""
     native = load_native(path)

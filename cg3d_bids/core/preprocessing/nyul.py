@@ -60,7 +60,10 @@ def _merge_ties(own: np.ndarray, mu: np.ndarray) -> tuple[np.ndarray, np.ndarray
     return values, sums / np.bincount(inverse, minlength=values.size)
 
 
-def _check_range(landmarks: np.ndarray, name: str, path: str | None = None) -> None:
+def check_landmarks(landmarks: np.ndarray, name: str, path: str | None = None) -> None:
+    """:class:`InputDataError` (naming ``name``/``path``) when an image's landmarks cannot be used:
+    not finite, or the first equal to the last (a constant brain cannot be standardised)."""
+    landmarks = np.asarray(landmarks, dtype=np.float64)
     if not np.all(np.isfinite(landmarks)) or not landmarks[-1] > landmarks[0]:
         raise InputDataError(
             f"the brain intensities of {name} are constant (or not finite) between the "
@@ -77,7 +80,7 @@ def landmarks_from_percentiles(per_image: np.ndarray, names: Sequence[str] | Non
         raise ValueError(f"need (B >= 1, P >= 2) landmarks, got shape {per_image.shape}")
     scaled = []
     for i, row in enumerate(per_image):
-        _check_range(row, names[i] if names else f"image {i} of the batch", names[i] if names else None)
+        check_landmarks(row, names[i] if names else f"image {i} of the batch", names[i] if names else None)
         scaled.append((row - row[0]) / (row[-1] - row[0]))
     return np.mean(scaled, axis=0)
 
@@ -111,7 +114,7 @@ def standardise(cube_data: np.ndarray, mask: np.ndarray, landmarks: np.ndarray,
         raise InputDataError("the brain mask is empty: nothing to standardise", path=source,
                              fix="check the brain mask")
     own = image_landmarks(brain, p)
-    _check_range(own, source or "the image", source)
+    check_landmarks(own, source or "the image", source)
     xp, fp = _merge_ties(own, mu)
     mapped = np.clip(np.interp(brain, xp, fp), 0.0, 1.0)
     out = np.zeros(data.shape, dtype=np.float32)

@@ -1,0 +1,35 @@
+"""The ``cg3d`` command: the BIDS-App (``cg3d BIDS_DIR OUTPUT_DIR LEVEL``) and its subcommands.
+
+``cg3d COMMAND ...`` runs a subcommand when the first argument names one (listed in ``cg3d
+--help``, each with its own argparse parser and ``--help``); anything else is the BIDS-App call.
+A BIDS folder literally named like a command is given as ``./demo``.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Sequence
+
+from . import demo, evaluate, run
+from .parser import COMMANDS
+
+__all__ = ["main"]
+
+#: subcommand -> its ``main(argv) -> int`` (argv after the command name)
+HANDLERS: dict[str, Callable[[list[str]], int]] = {
+    "demo": demo.main,
+    "evaluate": evaluate.main,
+}
+assert set(HANDLERS) == set(COMMANDS), "every subcommand is listed in cg3d --help"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``cg3d``; returns the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in HANDLERS:
+        return HANDLERS[argv[0]](argv[1:])
+    return run.main(argv)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,34 @@
+"""The stages of a cg3d run: one typed function each, on records (:mod:`cg3d_bids.records`).
+
+A stage is ``stage(ctx, *inputs) -> output``: ``ctx`` (:class:`~.context.StageContext`) holds the
+run's settings and work cache; inputs and outputs are records, ``Ref``s to stored records (large
+ones, loaded when needed) or plain values. :func:`cg3d_bids.interfaces.stage_interface` turns any
+stage into a nipype interface, so adding a stage is one function here and one node in
+:func:`cg3d_bids.workflows.base.init_cg3d_wf`.
+
+================  ===========================================================  ==================
+stage             does                                                         returns
+================  ===========================================================  ==================
+prepare           load + check an image and its mask, place it in the cube     PreparedImage
+landmarks         Nyul landmarks from every usable image of a modality         Landmarks
+tokenize          standardised cubes -> 3D patch tokens (the encoder, GPU)     list[Ref[ImageTokens]]
+score             MuSc (+ consistent-anomaly stage) per layer, averaged        BatchScores
+outputs           native-grid probseg, masks and sidecars of one image         ImageResult
+group             group table and group report of one modality                 GroupSummary
+subject_reports   one HTML report per subject                                  list[Path]
+================  ===========================================================  ==================
+"""
+
+from .context import Ref, StageContext, stage
+from .group import group
+from .landmarks import landmarks
+from .outputs import outputs
+from .prepare import prepare
+from .reports import subject_reports
+from .score import score
+from .tokenize import tokenize
+
+__all__ = [
+    "Ref", "StageContext", "group", "landmarks", "outputs", "prepare", "score", "stage",
+    "subject_reports", "tokenize",
+]

@@ -1,0 +1,93 @@
+"""Stage ``score``: MuSc mutual scoring (+ the consistent-anomaly stage) of one batch, per layer,
+layers averaged [method.md §3-§5]. Cached by the token files and the score settings."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+
+from ..errors import BatchTooSmallError
+from ..records import BatchScores, Community, ImageTokens
+from ..settings import Affects
+from .context import Ref, StageContext, limit_threads, stage
+
+LOGGER = logging.getLogger("cg3d")
+
+__all__ = ["score"]
+
+
+@stage("score")
+def score(ctx: StageContext, tokens: list[Ref[ImageTokens]], order: list[str], modality: str) -> BatchScores:
+    """Scores of the images of ``tokens`` in batch ``order`` (bids names; images without tokens,
+    i.e. skipped as bad data, are left out of the batch)."""
+    refs = {_name_of(ref): ref for ref in tokens}
+    batch = [refs[name] for name in order if name in refs]
+    if not batch:
+        raise BatchTooSmallError(f"no {modality} image has tokens to score",
+                                 fix="see the warnings above: every image was skipped")
+    key = ctx.settings.key(Affects.SCORES, [ref.path.name for ref in batch])
+    return ctx.cache.cached(ctx.cache.scores_path(modality, key), BatchScores,
+                            lambda: _score(ctx, batch, modality, key))
+
+
+def _name_of(ref: Ref[ImageTokens]) -> str:
+    """The image a token file belongs to (read from the file, never parsed from its name)."""
+    from ..records import load_fields
+
+    return str(load_fields(ref.path, ("bids_name",))["bids_name"])
+
+
+def _load_batch(batch: list[Ref[ImageTokens]]) -> tuple[tuple[str, ...], np.ndarray, np.ndarray]:
+    """Names, tokens (L, B, N, C) and validity (B, N) of the batch, one token file in memory at a time."""
+    names, tokens, valid = [], None, None
+    for index, ref in enumerate(batch):
+        item = ref.load()
+        if tokens is None:
+            tokens = np.empty((item.tokens.shape[0], len(batch)) + item.tokens.shape[1:], dtype=np.float32)
+            valid = np.empty((len(batch), item.valid.shape[0]), dtype=bool)
+        tokens[:, index] = item.tokens
+        valid[index] = item.valid
+        names.append(item.bids_name)
+    return tuple(names), tokens, valid
+
+
+def _score(ctx: StageContext, batch: list[Ref[ImageTokens]], modality: str, key: str) -> BatchScores:
+    from ..core.maps import robust_stats
+    from ..core.scoring import codegraph_scores, mutual_scores
+
+    limit_threads()
+    settings, execution = ctx.settings, ctx.settings.execution
+    names, tokens, valid = _load_batch(batch)
+    per_layer = np.zeros((tokens.shape[0],) + valid.shape, dtype=np.float32)
+    suspicious = np.zeros(valid.shape, dtype=np.int32)
+    communities: list[list[int]] = []
+    codegraph = settings.codegraph_settings
+    t0 = time.monotonic()
+    for layer in range(tokens.shape[0]):
+        tl = time.monotonic()
+        if codegraph is not None:
+            scores, details = codegraph_scores(tokens[layer], valid, fraction=settings.method.fraction,
+                                               settings=codegraph, device=execution.device,
+                                               block_mb=execution.score_chunk_mb, return_details=True)
+            suspicious += np.asarray(details.suspicious, dtype=np.int32)
+            for community in details.communities:
+                if sorted(community) not in communities:
+                    communities.append(sorted(community))
+        else:
+            scores = mutual_scores(tokens[layer], valid, fraction=settings.method.fraction,
+                                   device=execution.device, block_mb=execution.score_chunk_mb)
+        per_layer[layer] = np.asarray(scores, dtype=np.float32)
+        LOGGER.info("[scores %s] layer %d/%d: %d images in %.1f s", modality, layer + 1, tokens.shape[0],
+                    len(batch), time.monotonic() - tl)
+    mean = per_layer.mean(axis=0)
+    median, scale = robust_stats(mean[valid])
+    counts = suspicious.sum(axis=1)
+    return BatchScores(
+        modality=modality, key=key, names=names, grid=round(valid.shape[1] ** (1 / 3)), scores=mean, per_layer=per_layer, valid=valid,
+        suspicious=suspicious, median=median, scale=scale,
+        communities=tuple(Community(members=tuple(names[i] for i in group),
+                                    n_suspicious=tuple(int(counts[i]) for i in group)) for group in communities),
+        timings={"scoring_s": time.monotonic() - t0},
+    )

@@ -1,0 +1,102 @@
+"""Stage ``tokenize``: standardised cubes -> 3D patch tokens, the expensive (GPU) stage [method.md §2].
+
+The encoder is built once per call for every image whose tokens are not cached yet; the next
+cube is loaded, resampled and standardised in a background thread while the current one is
+encoded (loading and resampling release the GIL for much of their time; at most two cubes are
+held). Tokens are cached by the image's prepare key, the landmarks and every token setting.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from .. import timings
+from ..records import ImageTokens, Landmarks, PreparedImage
+from ..settings import Affects
+from .context import Ref, StageContext, limit_threads, stage
+from .inputs import load_inputs
+
+LOGGER = logging.getLogger("cg3d")
+
+__all__ = ["build_encoder", "standardised_cube", "tokenize", "tokens_key"]
+
+
+def tokens_key(ctx: StageContext, prepared: PreparedImage, landmarks: Landmarks) -> str:
+    return ctx.settings.key(Affects.TOKENS, prepared.key, landmarks.key)
+
+
+@stage("tokenize")
+def tokenize(ctx: StageContext, prepared: list[PreparedImage], landmarks: Landmarks) -> list[Ref[ImageTokens]]:
+    """Tokens of every usable image of ``prepared`` (cached); skipped images have none."""
+    from ..core.tokens import tokenize_volume
+
+    usable = [p for p in prepared if p.usable and p.image.bids_name in landmarks.images]
+    paths = {p.image.bids_name: ctx.cache.tokens_path(landmarks.modality, p.image.bids_name,
+                                                       tokens_key(ctx, p, landmarks)) for p in usable}
+    todo = [p for p in usable if not paths[p.image.bids_name].exists()]
+    if todo:
+        limit_threads()
+        encoder = build_encoder(ctx)
+        method, execution = ctx.settings.method, ctx.settings.execution
+        start, encode_wall, encode_cpu = time.time(), 0.0, 0.0
+        for done, (prep, volume) in enumerate(zip(todo, _prefetched_cubes(ctx, todo, landmarks)), 1):
+            t0 = time.monotonic()
+            tok = tokenize_volume(volume, prep.cube_mask(), encoder, projection_dim=method.projection_dim,
+                                  seed=method.random_seed, device=execution.device,
+                                  slice_batch=execution.slice_batch, precision=ctx.settings.run.precision)
+            encode_wall += tok.info["encode_seconds"]
+            encode_cpu += tok.info["encode_cpu_seconds"]
+            record = ImageTokens(
+                bids_name=prep.image.bids_name, modality=landmarks.modality,
+                key=tokens_key(ctx, prep, landmarks), grid=tok.grid, layers=tuple(tok.layers),
+                tokens=tok.tokens, valid=tok.valid, is_test=tok.is_test,
+                info={k: v for k, v in tok.info.items() if isinstance(v, (int, float, str)) or v is None},
+            )
+            ctx.cache.store(record)
+            elapsed = time.time() - start
+            LOGGER.info("[tokens %s %d/%d] %s in %.1f s (elapsed %.0f s, about %.0f s left)",
+                        landmarks.modality, done, len(todo), prep.image.bids_name, time.monotonic() - t0,
+                        elapsed, elapsed / done * (len(todo) - done))
+        timings.record(ctx.timings_dir, "encode", landmarks.modality, len(todo), start, start + encode_wall,
+                       encode_cpu)
+    return [Ref(paths[p.image.bids_name], ImageTokens) for p in usable]
+
+
+def standardised_cube(ctx: StageContext, prepared: PreparedImage, landmarks: Landmarks) -> np.ndarray:
+    """The image's cube with Nyul-standardised intensities (what the encoder sees)."""
+    from ..core.preprocessing import make_cube, standardise
+
+    method = ctx.settings.method
+    loaded = load_inputs(ctx, prepared.image)
+    cube = make_cube(loaded.canonical, loaded.mask, size=method.cube_size, fov_mm=method.fov_mm,
+                     warn_outside=False)
+    return standardise(cube.data, cube.mask, np.asarray(landmarks.landmarks), landmarks.percentiles,
+                       source=str(prepared.image.path))
+
+
+def _prefetched_cubes(ctx: StageContext, todo: list[PreparedImage], landmarks: Landmarks) -> Iterator[np.ndarray]:
+    """:func:`standardised_cube` of each image in order, the next one prepared in a background
+    thread while the caller encodes the current one. Errors surface in order."""
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="cg3d-cube") as pool:
+        pending = pool.submit(standardised_cube, ctx, todo[0], landmarks) if todo else None
+        for index in range(len(todo)):
+            result = pending.result()
+            pending = (pool.submit(standardised_cube, ctx, todo[index + 1], landmarks)
+                       if index + 1 < len(todo) else None)
+            yield result
+
+
+def build_encoder(ctx: StageContext):
+    """The run's encoder on its device, at the run's resolved precision and layers."""
+    from ..core.models import create_encoder
+
+    method, execution, run = ctx.settings.method, ctx.settings.execution, ctx.settings.run
+    return create_encoder(method.encoder, weights=method.weights, img_size=method.cube_size,
+                          layers=run.layers or method.layers, device=execution.device,
+                          precision=run.precision or execution.precision,
+                          allow_download=method.allow_download)
