@@ -1,4 +1,5 @@
-"""Evaluation metrics (cg3d_bids.core.metrics) and the ``cg3d evaluate`` command (cg3d_bids.cli.evaluate)."""
+"""Evaluation metrics (cg3d_bids.core.metrics), the evaluation logic (cg3d_bids.evaluation) and the
+``cg3d evaluate`` command (cg3d_bids.cli.evaluate)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import average_precision_score, roc_auc_score
 
+from cg3d_bids import evaluation as evl
 from cg3d_bids.cli import evaluate as ev
 from cg3d_bids.core.metrics import (
     LesionRecord,
@@ -32,6 +34,8 @@ from cg3d_bids.core.metrics import (
     threshold_mask,
     voxel_metrics,
 )
+from cg3d_bids.errors import InputDataError
+from cg3d_bids.reports import EVALUATION_END, EVALUATION_START
 
 
 # ------------------------------------------------------------------------------------------------
@@ -327,26 +331,26 @@ def test_ground_truth_on_another_grid_is_resampled(tmp_path):
 
 def test_matching_rule_subset_entities_and_desc_modality(tmp_path):
     masks = [
-        ev.GroundTruth(Path("a"), "sub-01", {"sub": "01"}, None),
-        ev.GroundTruth(Path("b"), "sub-01_acq-ax", {"sub": "01", "acq": "ax"}, None),
-        ev.GroundTruth(Path("c"), "sub-02_desc-FLAIR", {"sub": "02", "desc": "FLAIR"}, "FLAIR"),
-        ev.GroundTruth(Path("d"), "sub-03_ses-1", {"sub": "03", "ses": "1"}, None),
+        evl.GroundTruth(Path("a"), "sub-01", {"sub": "01"}, None),
+        evl.GroundTruth(Path("b"), "sub-01_acq-ax", {"sub": "01", "acq": "ax"}, None),
+        evl.GroundTruth(Path("c"), "sub-02_desc-FLAIR", {"sub": "02", "desc": "FLAIR"}, "FLAIR"),
+        evl.GroundTruth(Path("d"), "sub-03_ses-1", {"sub": "03", "ses": "1"}, None),
     ]
 
-    def image(prefix: str, mod: str) -> ev.OutputImage:
-        return ev.OutputImage(prefix, mod, Path("p"), Path("b"), Path("m"), ev.parse_entities(prefix))
+    def image(prefix: str, mod: str) -> evl.OutputImage:
+        return evl.OutputImage(prefix, mod, Path("p"), Path("b"), Path("m"), evl.prefix_entities(prefix))
 
-    assert ev.match_ground_truth(image("sub-01", "T1w"), masks).path == Path("a")
-    assert ev.match_ground_truth(image("sub-01_acq-ax", "T2w"), masks).path == Path("b")  # most specific
-    assert ev.match_ground_truth(image("sub-01_acq-sag", "T2w"), masks).path == Path("a")
-    assert ev.match_ground_truth(image("sub-02", "FLAIR"), masks).path == Path("c")
-    assert ev.match_ground_truth(image("sub-02", "T2w"), masks) is None
-    assert ev.match_ground_truth(image("sub-03_ses-1", "T2w"), masks).path == Path("d")
-    assert ev.match_ground_truth(image("sub-03_ses-2", "T2w"), masks) is None
-    assert ev.match_ground_truth(image("sub-03", "T2w"), masks) is None
-    tie = masks + [ev.GroundTruth(Path("e"), "sub-01_run-1", {"sub": "01", "run": "1"}, None)]
-    with pytest.raises(ev.InputDataError):
-        ev.match_ground_truth(image("sub-01_acq-ax_run-1", "T2w"), tie)
+    assert evl.match_ground_truth(image("sub-01", "T1w"), masks).path == Path("a")
+    assert evl.match_ground_truth(image("sub-01_acq-ax", "T2w"), masks).path == Path("b")  # most specific
+    assert evl.match_ground_truth(image("sub-01_acq-sag", "T2w"), masks).path == Path("a")
+    assert evl.match_ground_truth(image("sub-02", "FLAIR"), masks).path == Path("c")
+    assert evl.match_ground_truth(image("sub-02", "T2w"), masks) is None
+    assert evl.match_ground_truth(image("sub-03_ses-1", "T2w"), masks).path == Path("d")
+    assert evl.match_ground_truth(image("sub-03_ses-2", "T2w"), masks) is None
+    assert evl.match_ground_truth(image("sub-03", "T2w"), masks) is None
+    tie = masks + [evl.GroundTruth(Path("e"), "sub-01_run-1", {"sub": "01", "run": "1"}, None)]
+    with pytest.raises(InputDataError, match="equally well"):
+        evl.match_ground_truth(image("sub-01_acq-ax_run-1", "T2w"), tie)
 
 
 def test_patient_labels_tsv_for_images_without_mask(tmp_path):
@@ -364,21 +368,13 @@ def test_patient_labels_tsv_for_images_without_mask(tmp_path):
 def test_report_section_replaced_between_markers(tmp_path):
     out, gt = _fake_run(tmp_path)
     report = out / "group_T2w.html"
-    report.write_text(f"<html><body><h1>x</h1>\n{ev.REPORT_START}\nOLD-SECTION\n{ev.REPORT_END}\n</body></html>")
+    report.write_text(f"<html><body><h1>x</h1>\n{EVALUATION_START}\nOLD-SECTION\n{EVALUATION_END}\n</body></html>")
     for _ in range(2):
         assert ev.main([str(out), "--ground-truth", str(gt)]) == 0
     text = report.read_text()
     assert "OLD-SECTION" not in text and text.count("Evaluation against lesion masks") == 1
-    assert text.count(ev.REPORT_START) == 1 and "<h1>x</h1>" in text
+    assert text.count(EVALUATION_START) == 1 and "<h1>x</h1>" in text
     assert (out / ".bidsignore").read_text().splitlines().count("eval_*") == 1
-
-
-def test_local_insertion_without_markers(tmp_path):
-    report = tmp_path / "r.html"
-    report.write_text("<html><body><p>a</p></body></html>")
-    ev.insert_section_locally(report, "<p>EVAL</p>")
-    text = report.read_text()
-    assert text.index("<p>EVAL</p>") < text.index("</body>") and ev.REPORT_END in text
 
 
 def test_exit_codes(tmp_path, capsys):
@@ -442,16 +438,6 @@ def test_participant_subset_into_eval_dir(tmp_path):
     assert "eval_*" not in (out / ".bidsignore").read_text()
 
 
-def test_report_falls_back_to_local_insertion(tmp_path, monkeypatch):
-    import cg3d_bids.reports.group as group_report
-
-    monkeypatch.delattr(group_report, "insert_evaluation_section", raising=False)
-    report = tmp_path / "group_T2w.html"
-    report.write_text(f"<body>{ev.REPORT_START}x{ev.REPORT_END}</body>")
-    ev.update_group_report(report, "<p>NEW</p>")
-    assert "<p>NEW</p>" in report.read_text() and ">x<" not in report.read_text()
-
-
 def test_benchmark_intensity_models_are_as_documented(monkeypatch):
     monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks" / "accuracy"))
     import build_dataset as bd
@@ -484,3 +470,141 @@ def test_degenerate_dice_max_threshold_is_flagged(tmp_path):
     assert result["metrics"]["voxel_auroc"] < 0.5
     assert result["metrics"]["voxel_predicted_fraction"] > 0.5
     assert any("trivially high" in w for w in result["warnings"])
+
+
+# ------------------------------------------------------------------------------------------------
+# test-encoder runs say so in every output
+def _write_sidecars(out: Path, flags: dict[str, bool | None], mod: str = "T2w") -> None:
+    """Probseg sidecars as cg3d writes them; None = a sidecar without ModelIsTestEncoder."""
+    for sub, flag in flags.items():
+        sidecar = {"Description": "anomaly map", "ModelName": "test-tiny-vit" if flag else "dinov2_vitl14"}
+        if flag is not None:
+            sidecar["ModelIsTestEncoder"] = flag
+        path = out / f"sub-{sub}" / "anat" / f"sub-{sub}_label-anomaly_desc-{mod}_probseg.json"
+        path.write_text(json.dumps(sidecar))
+
+
+def _group_report(out: Path, mod: str = "T2w") -> Path:
+    report = out / f"group_{mod}.html"
+    report.write_text(f"<html><body><main>\n{EVALUATION_START}\nNot evaluated\n{EVALUATION_END}\n</main></body></html>")
+    return report
+
+
+def test_one_test_encoder_map_taints_every_output(tmp_path, capsys):
+    out, gt = _fake_run(tmp_path)
+    # only sub-04, which is even excluded from the metrics, was made with the test encoder
+    _write_sidecars(out, {"01": False, "02": False, "03": False, "04": True})
+    report = _group_report(out)
+    assert ev.main([str(out), "--ground-truth", str(gt)]) == 0
+    result = json.loads((out / "eval_T2w.json").read_text())
+    assert result["is_test_encoder"] is True and result["metrics"]["is_test_encoder"] is True
+    assert result["encoder_provenance"]["flagged_images"] == ["sub-04_T2w"]
+    assert result["warnings"][0].startswith("TEST ENCODER") and "mean nothing" in result["warnings"][0]
+    assert "is_test_encoder\ttrue\t" in (out / "eval_T2w.tsv").read_text()
+    stdout = capsys.readouterr().out
+    assert stdout.startswith(evl.TEST_ENCODER_WARNING) and "| T2w |" in stdout
+    html = report.read_text()
+    assert 'id="evaluation-test-encoder"' in html and "THESE NUMBERS MEAN NOTHING" in html
+
+
+def test_group_json_provenance_alone_flags_the_test_encoder(tmp_path):
+    out, gt = _fake_run(tmp_path)
+    _write_sidecars(out, {"01": None, "02": None, "03": None, "04": None})
+    (out / "group_T2w.json").write_text(json.dumps({"Provenance": {"is_test_encoder": True}}))
+    assert ev.main([str(out), "--ground-truth", str(gt)]) == 0
+    result = json.loads((out / "eval_T2w.json").read_text())
+    assert result["is_test_encoder"] is True
+    assert result["encoder_provenance"]["group_json"] is True
+
+
+def test_real_encoder_run_has_no_warning_and_unknown_provenance_is_noted(tmp_path, capsys):
+    out, gt = _fake_run(tmp_path)
+    _write_sidecars(out, {"01": False, "02": False, "03": False, "04": False})
+    (out / "group_T2w.json").write_text(json.dumps({"Provenance": {"is_test_encoder": False}}))
+    report = _group_report(out)
+    assert ev.main([str(out), "--ground-truth", str(gt)]) == 0
+    result = json.loads((out / "eval_T2w.json").read_text())
+    assert result["is_test_encoder"] is False and result["encoder_provenance"]["unchecked_images"] == []
+    assert not any("TEST ENCODER" in w or "ModelIsTestEncoder" in w for w in result["warnings"])
+    assert "is_test_encoder\tfalse\t" in (out / "eval_T2w.tsv").read_text()
+    assert "TEST ENCODER" not in capsys.readouterr().out
+    assert "evaluation-test-encoder" not in report.read_text()
+    (out / "sub-02" / "anat" / "sub-02_label-anomaly_desc-T2w_probseg.json").unlink()  # provenance unknown
+    assert ev.main([str(out), "--ground-truth", str(gt)]) == 0
+    result = json.loads((out / "eval_T2w.json").read_text())
+    assert result["is_test_encoder"] is False
+    assert result["encoder_provenance"]["unchecked_images"] == ["sub-02_T2w"]
+    assert any("could not be checked" in w and "sub-02_T2w" in w for w in result["warnings"])
+
+
+# ------------------------------------------------------------------------------------------------
+# outputs: no pandas, jinja-rendered and escaped HTML, deterministic files, voxel weighting recorded
+def test_evaluation_runs_without_pandas(tmp_path, monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+    attempts = []
+
+    def guarded(name, globals=None, *args, **kwargs):  # noqa: A002 - builtins.__import__'s signature
+        if name.split(".")[0] == "pandas" and str((globals or {}).get("__name__", "")).startswith("cg3d_bids"):
+            attempts.append(globals["__name__"])
+            raise ImportError("pandas is not a dependency of cg3d")
+        return real_import(name, globals, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", guarded)
+    out, gt = _fake_run(tmp_path)
+    labels = tmp_path / "labels.tsv"
+    labels.write_text("participant_id\tlesion\nsub-04\t1\n")
+    assert ev.main([str(out), "--ground-truth", str(gt), "--patient-labels", str(labels)]) == 0
+    assert json.loads((out / "eval_T2w.json").read_text())["metrics"]["n_lesioned"] == 3
+    assert attempts == []
+
+
+def test_report_section_is_rendered_from_the_template_and_escaped(tmp_path):
+    out, gt = _fake_run(tmp_path)
+    report = _group_report(out)
+    [result] = evl.run_evaluation(out, gt)
+    result["warnings"].append("<script>alert(1)</script>")
+    fragment = evl.html_section(result)
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in fragment and "<script>" not in fragment
+    assert fragment.count("<tr>") == len(result["metrics"]) + len(result["lesionwise"]["at_binary_mask"]) + 2
+    assert "--voxel-weighting volume" in fragment and evl.WEIGHTING_TEXT["volume"] in fragment
+    html = report.read_text()
+    assert 'id="evaluation-T2w"' in html and "Not evaluated" not in html
+    assert html.index(EVALUATION_START) < html.index("Evaluation against lesion masks") < html.index(EVALUATION_END)
+
+
+def test_outputs_are_deterministic_and_record_the_voxel_weighting(tmp_path):
+    out, gt = _fake_run(tmp_path)
+    report = _group_report(out)
+    snapshots = []
+    for _ in range(2):
+        assert ev.main([str(out), "--ground-truth", str(gt)]) == 0
+        snapshots.append([(out / n).read_bytes() for n in ("eval_T2w.tsv", "eval_T2w.json")] + [report.read_bytes()])
+    assert snapshots[0] == snapshots[1]
+    result = json.loads((out / "eval_T2w.json").read_text())
+    assert result["settings"]["voxel_weighting"] == result["metrics"]["voxel_weighting"] == "volume"
+    assert "voxel_weighting\tvolume\t" in (out / "eval_T2w.tsv").read_text()
+    assert ev.main([str(out), "--ground-truth", str(gt), "--voxel-weighting", "count"]) == 0
+    result = json.loads((out / "eval_T2w.json").read_text())
+    assert result["settings"]["voxel_weighting"] == "count"
+    assert "voxel_weighting\tcount\t" in (out / "eval_T2w.tsv").read_text()
+
+
+def test_inputs_are_not_modified(tmp_path):
+    out, gt = _fake_run(tmp_path)
+    before = {p: p.read_bytes() for p in [*out.rglob("*.nii.gz"), *gt.rglob("*"), out / "group_T2w.tsv"]
+              if p.is_file()}
+    assert ev.main([str(out), "--ground-truth", str(gt)]) == 0
+    assert all(p.read_bytes() == data for p, data in before.items())
+
+
+def test_failed_image_in_group_table_is_excluded(tmp_path):
+    out, gt = _fake_run(tmp_path)
+    table = out / "group_T2w.tsv"
+    table.write_text(table.read_text().replace("sub-02_T2w\t0.4\tok", "sub-02_T2w\tn/a\tfailed"))
+    assert ev.main([str(out), "--ground-truth", str(gt)]) == 0
+    result = json.loads((out / "eval_T2w.json").read_text())
+    roles = {r["bids_name"]: (r["role"], r["reason"]) for r in result["images"]}
+    assert roles["sub-02_T2w"] == ("excluded", "status 'failed' in group_T2w.tsv")
+    assert result["metrics"]["n_lesioned"] == 1 and result["metrics"]["n_brain_voxels"] == 2 * 512

@@ -11,6 +11,13 @@ and IoU are then computed from the cumulative histograms. Scores are first quant
 bin, so these metrics are the exact scikit-learn values of the quantised scores and differ from
 those of the raw scores only through ties inside a bin (< 1e-3 on continuous scores).
 
+Weights: each volume may give its voxels a weight (e.g. the voxel volume in mm^3, so that images
+of different resolutions are pooled by the brain volume they cover, as on one common grid); the
+histograms then hold weighted counts and every metric is the sample-weighted one (scikit-learn's
+``sample_weight``). All metrics are ratios of weighted counts, so a common factor cancels: the
+histograms store each weight relative to the first volume's, and equal weights therefore give
+bit-for-bit the unweighted (count-pooled) arithmetic (integers in float64 are exact up to 2^53).
+
 Thresholds are bin edges: at threshold bin ``t`` a voxel is predicted anomalous when its bin index
 is ``>= t``, i.e. when ``score >= t / n_bins`` (:func:`threshold_mask` applies exactly this rule).
 
@@ -62,43 +69,62 @@ def threshold_mask(scores: np.ndarray, threshold_bin: int, n_bins: int = DEFAULT
 # ------------------------------------------------------------------------------------------------
 # streaming accumulator
 class VoxelHistogram:
-    """Fixed-size voxel score histograms of positives (lesion) and negatives (other brain voxels).
+    """Fixed-size score histograms of positives (lesion) and negatives (other brain voxels).
 
-    ``update`` adds one volume at a time; the state is two ``int64`` arrays of ``n_bins`` entries
-    whatever the number of volumes (``nbytes``). No voxel arrays are kept.
+    ``update`` adds one volume at a time, each voxel with the volume's ``weight`` (default 1: plain
+    voxel counts). ``pos``/``neg`` hold the weighted counts per bin in units of :attr:`unit` (the
+    first volume's weight), as ``float64``; ``n_pos``/``n_neg`` count voxels. The state is two
+    arrays of ``n_bins`` entries whatever the number of volumes (``nbytes``); no voxel array is kept.
     """
 
     def __init__(self, n_bins: int = DEFAULT_N_BINS):
         if n_bins < 2:
             raise ValueError("n_bins must be >= 2")
         self.n_bins = int(n_bins)
-        self.pos = np.zeros(self.n_bins, dtype=np.int64)
-        self.neg = np.zeros(self.n_bins, dtype=np.int64)
+        self.pos = np.zeros(self.n_bins, dtype=np.float64)
+        self.neg = np.zeros(self.n_bins, dtype=np.float64)
+        self.unit: float | None = None  #: weight of the first volume; pos/neg are in these units
+        self.n_pos = 0  #: lesion voxels added (unweighted)
+        self.n_neg = 0  #: other voxels added (unweighted)
         self.n_volumes = 0
 
-    def update(self, scores: np.ndarray, labels: np.ndarray, mask: np.ndarray | None = None) -> None:
-        """Add the voxels of one volume (``labels`` truthy = lesion), optionally within ``mask``."""
-        scores = np.asarray(scores)
-        labels = np.asarray(labels, dtype=bool)
-        if scores.shape != labels.shape:
-            raise ValueError(f"scores {scores.shape} and labels {labels.shape} differ in shape")
-        if mask is not None:
-            mask = np.asarray(mask, dtype=bool)
-            if mask.shape != scores.shape:
-                raise ValueError(f"mask {mask.shape} and scores {scores.shape} differ in shape")
-            scores, labels = scores[mask], labels[mask]
+    def update(self, scores: np.ndarray, labels: np.ndarray, mask: np.ndarray | None = None,
+               weight: float = 1.0) -> None:
+        """Add one volume's voxels (``labels`` truthy = lesion), optionally within ``mask``.
+
+        ``weight`` (> 0, finite) is what each voxel of this volume counts, e.g. its volume in mm^3.
+        """
+        scores, labels = _masked(scores, labels, mask)
         bins = score_bins(scores.ravel(), self.n_bins)
         labels = labels.ravel()
-        self.pos += np.bincount(bins[labels], minlength=self.n_bins)
-        self.neg += np.bincount(bins[~labels], minlength=self.n_bins)
+        pos = np.bincount(bins[labels], minlength=self.n_bins)
+        neg = np.bincount(bins[~labels], minlength=self.n_bins)
+        scale = self._scale(weight)
+        self.pos += pos if scale == 1.0 else pos * scale
+        self.neg += neg if scale == 1.0 else neg * scale
+        self.n_pos += int(pos.sum())
+        self.n_neg += int(neg.sum())
         self.n_volumes += 1
 
+    def _scale(self, weight: float) -> float:
+        """``weight`` in units of the first volume's weight (which becomes the unit)."""
+        weight = float(weight)
+        if not (math.isfinite(weight) and weight > 0):
+            raise ValueError(f"voxel weight must be positive and finite, got {weight}")
+        if self.unit is None:
+            self.unit = weight
+        return weight / self.unit
+
     def merge(self, other: VoxelHistogram) -> None:
-        """Add another accumulator with the same binning."""
+        """Add another accumulator with the same binning (its weights rescaled to this unit)."""
         if other.n_bins != self.n_bins:
             raise ValueError("cannot merge histograms with different n_bins")
-        self.pos += other.pos
-        self.neg += other.neg
+        if other.unit is not None:
+            scale = self._scale(other.unit)
+            self.pos += other.pos * scale
+            self.neg += other.neg * scale
+        self.n_pos += other.n_pos
+        self.n_neg += other.n_neg
         self.n_volumes += other.n_volumes
 
     @property
@@ -107,28 +133,45 @@ class VoxelHistogram:
         return int(self.pos.nbytes + self.neg.nbytes)
 
     @property
-    def n_pos(self) -> int:
-        return int(self.pos.sum())
+    def pos_weight(self) -> float:
+        """Total weight of the lesion voxels (e.g. mm^3 when weighted by voxel volume)."""
+        return float(self.pos.sum()) * (self.unit or 0.0)
 
     @property
-    def n_neg(self) -> int:
-        return int(self.neg.sum())
+    def neg_weight(self) -> float:
+        """Total weight of the other voxels."""
+        return float(self.neg.sum()) * (self.unit or 0.0)
+
+
+def _masked(scores: np.ndarray, labels: np.ndarray,
+            mask: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """``scores`` and boolean ``labels`` (same shape), restricted to ``mask`` when given."""
+    scores = np.asarray(scores)
+    labels = np.asarray(labels, dtype=bool)
+    if scores.shape != labels.shape:
+        raise ValueError(f"scores {scores.shape} and labels {labels.shape} differ in shape")
+    if mask is None:
+        return scores, labels
+    mask = np.asarray(mask, dtype=bool)
+    if mask.shape != scores.shape:
+        raise ValueError(f"mask {mask.shape} and scores {scores.shape} differ in shape")
+    return scores[mask], labels[mask]
 
 
 # ------------------------------------------------------------------------------------------------
 # metrics from histograms
 def _cumulative(pos: np.ndarray, neg: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """True and false positives at each threshold bin, highest threshold first, with a leading 0.
-
-    Entry ``j`` (j = 1..n) = counts of bins ``>= n - j``; entry 0 = predict nothing.
+    """(Weighted) true and false positives at each threshold bin, highest threshold first, with a
+    leading 0. Entry ``j`` (j = 1..n) = counts of bins ``>= n - j``; entry 0 = predict nothing.
     """
-    tps = np.concatenate([[0], np.cumsum(np.asarray(pos, dtype=np.int64)[::-1])])
-    fps = np.concatenate([[0], np.cumsum(np.asarray(neg, dtype=np.int64)[::-1])])
+    tps = np.concatenate([[0.0], np.cumsum(np.asarray(pos, dtype=np.float64)[::-1])])
+    fps = np.concatenate([[0.0], np.cumsum(np.asarray(neg, dtype=np.float64)[::-1])])
     return tps, fps
 
 
 def roc_auc_from_histograms(pos: np.ndarray, neg: np.ndarray) -> float:
-    """Area under the ROC curve of binned scores (ties within a bin count one half, as sklearn)."""
+    """Area under the ROC curve of binned (weighted) counts; ties within a bin count one half, as
+    scikit-learn's ``roc_auc_score`` (with ``sample_weight`` for weighted counts)."""
     from sklearn.metrics import auc
 
     tps, fps = _cumulative(pos, neg)
@@ -139,7 +182,8 @@ def roc_auc_from_histograms(pos: np.ndarray, neg: np.ndarray) -> float:
 
 
 def average_precision_from_histograms(pos: np.ndarray, neg: np.ndarray) -> float:
-    """Average precision of binned scores: sum of (R_k - R_{k-1}) P_k, as sklearn (no interpolation)."""
+    """Average precision of binned (weighted) counts: sum of (R_k - R_{k-1}) P_k, as scikit-learn's
+    ``average_precision_score`` (no interpolation; ``sample_weight`` for weighted counts)."""
     tps, fps = _cumulative(pos, neg)
     if tps[-1] == 0:
         warnings.warn("voxel AP undefined: no lesion voxels", MetricWarning, stacklevel=2)
@@ -158,26 +202,26 @@ class DiceMax:
     iou: float
     threshold: float  #: lower bin edge: predicted = score >= threshold
     threshold_bin: int
-    tp: int
-    fp: int
-    fn: int
+    tp: float  #: (weighted) true positives at the threshold; voxel counts when unweighted
+    fp: float
+    fn: float
 
 
 def dice_max_from_histograms(pos: np.ndarray, neg: np.ndarray) -> DiceMax:
     """Dice-max over all bin-edge thresholds; ties go to the highest threshold.
 
     ``Dice = 2 TP / (2 TP + FP + FN)``, ``IoU = TP / (TP + FP + FN)`` at that threshold (IoU is
-    monotone in Dice, so this is also the best IoU).
+    monotone in Dice, so this is also the best IoU); TP, FP, FN are (weighted) counts.
     """
     n_bins = len(pos)
     tps, fps = _cumulative(pos, neg)
-    n_pos = int(tps[-1])
+    n_pos = float(tps[-1])
     if n_pos == 0:
         warnings.warn("voxel Dice-max undefined: no lesion voxels", MetricWarning, stacklevel=2)
-        return DiceMax(math.nan, math.nan, math.nan, -1, 0, int(fps[-1]), 0)
+        return DiceMax(math.nan, math.nan, math.nan, -1, 0.0, float(fps[-1]), 0.0)
     dice = 2.0 * tps / (n_pos + tps + fps)
     j = int(np.argmax(dice))  # first maximum = highest threshold
-    tp, fp = int(tps[j]), int(fps[j])
+    tp, fp = float(tps[j]), float(fps[j])
     fn = n_pos - tp
     threshold_bin = n_bins - j  # j = 0 -> n_bins (predict nothing)
     return DiceMax(
@@ -187,8 +231,13 @@ def dice_max_from_histograms(pos: np.ndarray, neg: np.ndarray) -> DiceMax:
 
 
 def voxel_metrics(hist: VoxelHistogram) -> dict[str, float | int]:
-    """AUROC, AP, Dice-max with its threshold and IoU from a filled :class:`VoxelHistogram`."""
+    """AUROC, AP, Dice-max with its threshold and IoU from a filled :class:`VoxelHistogram`.
+
+    With weights, the metrics and ``voxel_predicted_fraction`` (share of the total weight at or
+    above the threshold) are weighted; ``n_lesion_voxels``/``n_brain_voxels`` count voxels.
+    """
     best = dice_max_from_histograms(hist.pos, hist.neg)
+    total = float(hist.pos.sum() + hist.neg.sum())
     return {
         "voxel_auroc": roc_auc_from_histograms(hist.pos, hist.neg),
         "voxel_ap": average_precision_from_histograms(hist.pos, hist.neg),
@@ -196,7 +245,7 @@ def voxel_metrics(hist: VoxelHistogram) -> dict[str, float | int]:
         "voxel_iou": best.iou,
         "voxel_threshold": best.threshold,
         "voxel_threshold_bin": best.threshold_bin,
-        "voxel_predicted_fraction": (best.tp + best.fp) / max(hist.n_pos + hist.n_neg, 1),
+        "voxel_predicted_fraction": (best.tp + best.fp) / total if total > 0 else math.nan,
         "n_lesion_voxels": hist.n_pos,
         "n_brain_voxels": hist.n_pos + hist.n_neg,
     }
@@ -214,8 +263,8 @@ def dice_iou(pred: np.ndarray, truth: np.ndarray) -> tuple[float, float]:
     return dice_iou_from_counts(tp, fp, fn)
 
 
-def dice_iou_from_counts(tp: int, fp: int, fn: int) -> tuple[float, float]:
-    """Dice and IoU from confusion counts (NaN when there is nothing predicted nor true)."""
+def dice_iou_from_counts(tp: float, fp: float, fn: float) -> tuple[float, float]:
+    """Dice and IoU from (weighted) confusion counts (NaN when nothing is predicted nor true)."""
     if tp + fp + fn == 0:
         return math.nan, math.nan
     return 2.0 * tp / (2.0 * tp + fp + fn), tp / (tp + fp + fn)
