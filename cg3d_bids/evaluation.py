@@ -70,7 +70,8 @@ import numpy as np
 
 from . import __version__
 from .atomic import write_json, write_text
-from .bids.discovery import MODALITIES, parse_name
+from .bids.naming import parse_name
+from .settings import MODALITIES
 from .bids.group_table import read_group_table
 from .core.metrics import (
     DEFAULT_N_BINS,

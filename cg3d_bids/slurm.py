@@ -57,6 +57,7 @@ from types import MappingProxyType
 
 from . import __version__
 from .errors import EXIT_TEMPFAIL, Cg3dError, NoInputError, NoMatchError, UsageError
+from .settings import MODALITIES
 
 STAGES = ("participant", "score", "graph", "rescore", "outputs")
 ARRAY_STAGES = ("participant", "score", "rescore")
@@ -70,7 +71,6 @@ RESERVED_OPTIONS = (
     "--nprocs", "--nthreads", "--n_cpus", "--n-cpus", "--omp-nthreads", "--modality",
     "--modalities", "-m",
 )
-MODALITIES = ("T1w", "T2w", "FLAIR")
 _LABEL_RE = re.compile(r"[0-9A-Za-z]+")
 _MEM_RE = re.compile(r"[0-9]+[KMGT]?", re.IGNORECASE)
 _TIME_RE = re.compile(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?")

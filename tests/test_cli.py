@@ -215,3 +215,32 @@ def test_plugin_file_is_read(tmp_path):
     path = tmp_path / "plugin.yml"
     path.write_text("plugin: SLURM\nplugin_args: {sbatch_args: '-p gpu', max_jobs: 5}\n")
     assert read_plugin_file(path) == ("SLURM", {"sbatch_args": "-p gpu", "max_jobs": 5})
+
+
+def test_label_files_with_comments(tmp_path):
+    """A label file may hold '#' comments (as discovery documents); the parser uses the same reader."""
+    labels = tmp_path / "labels.txt"
+    labels.write_text("# subjects of batch 1\nsub-03  # the patient\n\n02\n")
+    args = parse_args([str(_bids(tmp_path)), str(tmp_path / "out"), "participant", "--participant-label", str(labels)])
+    assert args.participant_label == ["02", "03"]
+
+
+def test_encoder_typo_fails_at_parse_time(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        parse_args([str(_bids(tmp_path)), str(tmp_path / "out"), "group", "--encoder", "dinov2_vitl"])
+    assert exc.value.code == 64
+    err = capsys.readouterr().err
+    assert "invalid choice: 'dinov2_vitl'" in err and "dinov2_vitl14" in err
+
+
+def test_subcommands_are_listed_and_have_their_own_help(capsys):
+    with pytest.raises(SystemExit):
+        parse_args(["--help"])
+    text = capsys.readouterr().out
+    for command in ("cg3d demo", "cg3d evaluate", "cg3d slurm-script"):
+        assert command in text, command
+    for command in ("demo", "evaluate", "slurm-script"):
+        with pytest.raises(SystemExit) as exc:
+            main([command, "--help"])
+        assert exc.value.code == 0
+        assert f"usage: cg3d {command}" in capsys.readouterr().out

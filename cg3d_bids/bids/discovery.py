@@ -30,11 +30,10 @@ from typing import Any
 
 from ..errors import InputDataError, NoInputError, NoMatchError, UsageError
 from ..records import ImageRecord
+from ..settings import MASK_SOURCES, MODALITIES
 from .naming import LABEL_RE, parse_name
 
 LOGGER = logging.getLogger("cg3d")
-MODALITIES = ("T1w", "T2w", "FLAIR")
-MASK_SOURCES = ("derivatives", "nonzero", "skullstrip")
 NIFTI_EXTENSIONS = [".nii", ".nii.gz"]
 INDEX_VERSION = "cg3d-bids-index-1"  # bump when the indexer settings below change
 MAX_SQL_LABELS = 500  # longer label lists are filtered in Python (old SQLite: <= 999 variables)

@@ -13,7 +13,7 @@ import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 
-from ..bids.discovery import MODALITIES
+from ..settings import MODALITIES
 from ..core.metrics import DEFAULT_N_BINS, DEFAULT_SIZE_EDGES
 from ..errors import EXIT_USAGE, Cg3dError, UsageError
 from ..evaluation import (

@@ -10,6 +10,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable, Sequence
 
+from .. import slurm
 from . import demo, evaluate, run
 from .parser import COMMANDS
 
@@ -19,6 +20,7 @@ __all__ = ["main"]
 HANDLERS: dict[str, Callable[[list[str]], int]] = {
     "demo": demo.main,
     "evaluate": evaluate.main,
+    "slurm-script": slurm.main,
 }
 assert set(HANDLERS) == set(COMMANDS), "every subcommand is listed in cg3d --help"
 

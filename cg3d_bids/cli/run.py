@@ -278,9 +278,12 @@ def _run_workflow(settings: Settings, settings_file: Path, cache: WorkCache, sel
 
     from ..workflows.base import init_cg3d_wf
 
+    from ..resources import available_cpus, default_threads
+
     execution = settings.execution
-    nprocs = execution.nprocs or os.cpu_count() or 1
-    omp = execution.omp_nthreads or max(1, (os.cpu_count() or 1) // nprocs)
+    cpus = available_cpus()
+    nprocs = execution.nprocs or cpus
+    omp = execution.omp_nthreads or default_threads(nprocs, cpus)
     os.environ["OMP_NUM_THREADS"] = str(omp)
     use_gpu = execution.device.startswith("cuda")
     nipype_config.update_config({
