@@ -55,9 +55,9 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from datetime import datetime
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -115,7 +115,7 @@ def select_sources(data_dir: Path, voxel_mm: str = "1x1x1", contrast: str = "T1w
     return sorted(sources, key=lambda s: s.name)
 
 
-@lru_cache(maxsize=None)
+@cache
 def load_source(source: Source) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(image normalised to REFERENCE, float32; brain mask, bool; affine) of a source."""
     import nibabel as nib
@@ -158,7 +158,7 @@ def shift_array(data: np.ndarray, shift: Sequence[int]) -> np.ndarray:
     """``data`` moved by whole voxels (``out[i + s] = data[i]``), zero filled."""
     out = np.zeros_like(data)
     dst, src = [], []
-    for s, n in zip(shift, data.shape):
+    for s, n in zip(shift, data.shape, strict=True):
         s = max(-n, min(n, int(s)))
         dst.append(slice(max(s, 0), n + min(s, 0)))
         src.append(slice(max(-s, 0), n - max(s, 0)))
@@ -480,13 +480,14 @@ def _fmt(value: float, digits: int = 1) -> str:
 def markdown_table(header: Sequence[str], rows: Iterable[Sequence[str]], right: Sequence[bool]) -> str:
     """A Markdown table with padded columns."""
     rows = [list(r) for r in rows]
-    widths = [max(len(str(c)) for c in col) for col in zip(header, *rows)]
+    widths = [max(len(str(c)) for c in col) for col in zip(header, *rows, strict=True)]
 
     def line(cells: Sequence[str]) -> str:
         return "| " + " | ".join(str(c).rjust(w) if r else str(c).ljust(w)
-                                 for c, w, r in zip(cells, widths, right)) + " |"
+                                 for c, w, r in zip(cells, widths, right, strict=True)) + " |"
 
-    rule = "|" + "|".join(("-" * (w + 1) + ":") if r else ("-" * (w + 2)) for w, r in zip(widths, right)) + "|"
+    dashes = [("-" * (w + 1) + ":") if r else ("-" * (w + 2)) for w, r in zip(widths, right, strict=True)]
+    rule = "|" + "|".join(dashes) + "|"
     return "\n".join([line(header), rule] + [line(r) for r in rows])
 
 
@@ -652,27 +653,42 @@ def tokenize_window(timings: Sequence[StageTiming] | None, progress: Sequence[Pr
     return Window(measured.start, measured.end, 0, "no timings: whole run")
 
 
+def _total_check(measured: Measured, target: float) -> Check:
+    ok = measured.wall_s < target and measured.returncode == 0 and not measured.timed_out
+    note = "timed out" if measured.timed_out else f"exit {measured.returncode}"
+    return Check("total wall s (cg3d process)", measured.wall_s, f"< {target:g}", ok, note)
+
+
+def _tokenize_check(window: Window, target: float) -> Check:
+    if not window.images:
+        return Check("tokenize s / volume", None, f"< {target:g}", None, window.note)
+    per_volume = (window.end - window.start) / window.images
+    return Check("tokenize s / volume", per_volume, f"< {target:g}", per_volume < target,
+                 f"{window.note}, {window.images} volumes")
+
+
+def _busy_check(window: Window, samples: Sequence[GpuSample] | None, target: float) -> Check:
+    busy = gpu_window(samples, window.start, window.end) if samples else None
+    if busy is None:
+        return Check("GPU busy % during tokenize", None, f">= {target:g}", None, "no nvidia-smi samples in the window")
+    note = f"{window.note}, {int(busy['samples'])} samples, median {busy['util_median']:.0f} %"
+    return Check("GPU busy % during tokenize", busy["util_mean"], f">= {target:g}", busy["util_mean"] >= target, note)
+
+
+def _vram_check(measured: Measured, samples: Sequence[GpuSample] | None, target: float) -> Check:
+    run = gpu_window(samples, measured.start, measured.end) if samples else None
+    if run is None:
+        return Check("peak VRAM GB (memory.used)", None, f"< {target:g}", None, "no nvidia-smi samples")
+    peak = run["peak_mem_mib"] * 2**20 / 1e9
+    return Check("peak VRAM GB (memory.used)", peak, f"< {target:g}", peak < target,
+                 "whole run, every process on the GPU")
+
+
 def h200_checks(measured: Measured, window: Window, samples: Sequence[GpuSample] | None) -> list[Check]:
     """The H200 targets: total < 60 s, tokenize < 0.3 s/volume, GPU busy >= 80 %, VRAM < 10 GB."""
     t = H200_TARGETS
-    checks = [Check("total wall s (cg3d process)", measured.wall_s, f"< {t['total_wall_s']:g}",
-                    measured.wall_s < t["total_wall_s"] and measured.returncode == 0 and not measured.timed_out,
-                    "timed out" if measured.timed_out else f"exit {measured.returncode}")]
-    per_volume = (window.end - window.start) / window.images if window.images else None
-    checks.append(Check("tokenize s / volume", per_volume, f"< {t['tokenize_s_per_volume']:g}",
-                        per_volume < t["tokenize_s_per_volume"] if per_volume is not None else None,
-                        f"{window.note}, {window.images} volumes" if per_volume is not None else window.note))
-    busy = gpu_window(samples, window.start, window.end) if samples else None
-    checks.append(Check("GPU busy % during tokenize", busy["util_mean"] if busy else None,
-                        f">= {t['gpu_busy_pct']:g}", busy["util_mean"] >= t["gpu_busy_pct"] if busy else None,
-                        f"{window.note}, {int(busy['samples'])} samples, median {busy['util_median']:.0f} %"
-                        if busy else "no nvidia-smi samples in the window"))
-    run = gpu_window(samples, measured.start, measured.end) if samples else None
-    peak = run["peak_mem_mib"] * 2**20 / 1e9 if run else None
-    checks.append(Check("peak VRAM GB (memory.used)", peak, f"< {t['peak_vram_gb']:g}",
-                        peak < t["peak_vram_gb"] if peak is not None else None,
-                        "whole run, every process on the GPU" if run else "no nvidia-smi samples"))
-    return checks
+    return [_total_check(measured, t["total_wall_s"]), _tokenize_check(window, t["tokenize_s_per_volume"]),
+            _busy_check(window, samples, t["gpu_busy_pct"]), _vram_check(measured, samples, t["peak_vram_gb"])]
 
 
 def checks_table(checks: Sequence[Check]) -> str:

@@ -62,6 +62,8 @@ def test_cohort_is_byte_identical_for_the_same_seed_and_differs_for_another(tiny
     spec, dest = tiny_cohort
     again = be.build_cohort(spec, tmp_path / "again", procs=1).parent
     assert _digests(again) == _digests(dest)
+    files = list(dest.rglob("*.nii.gz"))
+    assert len(files) == 18 and all(f.read_bytes()[4:8] == bytes(4) for f in files)  # no gzip time stamp
     assert be.cohort_matches(spec, dest) and not be.cohort_matches(be.CohortSpec(9, 4, spec.sources, 2), dest)
     other = be.CohortSpec(n=9, seed=4, sources=spec.sources, max_shift=2)
     changed = _digests(be.build_cohort(other, tmp_path / "other", procs=1).parent)
@@ -238,8 +240,8 @@ def test_stage_table_values_shares_and_order(tmp_path):
 
 
 def test_core_s_per_volume_uses_the_stage_images_or_the_cohort(tmp_path):
-    rows = be.read_timings(_tsv(tmp_path / "t.tsv", ["score\tT1w\t4\t1.0\t8.0\t0\t1", "landmarks\tall\t0\t1.0\t6.0\t0\t1",
-                                                      "total\tall\t0\t2.0\t14.0\t0\t2"]))
+    lines = ["score\tT1w\t4\t1.0\t8.0\t0\t1", "landmarks\tall\t0\t1.0\t6.0\t0\t1", "total\tall\t0\t2.0\t14.0\t0\t2"]
+    rows = be.read_timings(_tsv(tmp_path / "t.tsv", lines))
     table = be.stage_table(rows, 3, None)
     assert _cells(table, "score")[5] == "2.00" and _cells(table, "landmarks")[5] == "2.00"
     assert "process tree" not in table
@@ -334,9 +336,11 @@ def test_h200_checks_pass_fail_and_missing():
 # running and measuring
 def test_command_line_of_the_group_run(tmp_path):
     cmd = be.cg3d_command(tmp_path / "bids", tmp_path / "masks", tmp_path / "out", tmp_path / "work",
-                          encoder="dinov2_vitl14", cube=224, device="cuda", nprocs=16, weights=tmp_path / "w.safetensors")
+                          encoder="dinov2_vitl14", cube=224, device="cuda", nprocs=16,
+                          weights=tmp_path / "w.safetensors")
     text = " ".join(cmd[1:])
-    assert text.startswith(f"-m cg3d_bids {tmp_path}/bids {tmp_path}/out group --modality T1w -d masks={tmp_path}/masks")
+    t = tmp_path
+    assert text.startswith(f"-m cg3d_bids {t}/bids {t}/out group --modality T1w -d masks={t}/masks")
     for part in ("-w", "--encoder dinov2_vitl14", "--cube-size 224", "--device cuda", "--nprocs 16",
                  "--skip-bids-validation", f"--weights {tmp_path}/w.safetensors"):
         assert part in text
@@ -361,7 +365,8 @@ def test_run_measured_counts_the_cpu_of_grandchildren(tmp_path):
 
 def test_run_measured_stops_the_whole_process_group_at_the_timeout(tmp_path):
     pid_file = tmp_path / "pid"
-    code = (f"import subprocess, sys, time\np = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n"
+    code = ("import subprocess, sys, time\n"
+            "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n"
             f"open({str(pid_file)!r}, 'w').write(str(p.pid))\ntime.sleep(60)")
     measured = be.run_measured([sys.executable, "-c", code], tmp_path / "log.txt", timeout=2.0, echo="none")
     assert measured.timed_out and measured.returncode != 0 and measured.wall_s < 30
