@@ -389,8 +389,8 @@ def _pump(stream: Any, log: Any, echo: str) -> None:
 
 
 def _stop(proc: subprocess.Popen) -> None:
-    """SIGTERM the process group, then SIGKILL after 15 s."""
-    for sig, wait in ((signal.SIGTERM, 15), (signal.SIGKILL, 15)):
+    """SIGTERM the process group, then SIGKILL after 10 s."""
+    for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 10)):
         try:
             os.killpg(proc.pid, sig)
         except ProcessLookupError:
@@ -776,7 +776,8 @@ def report(args: argparse.Namespace, measured: Measured, out: Path, output_log: 
     """All tables of one run, as Markdown."""
     title = (f"## cg3d group: {args.n} T1w volumes, cube {args.cube}, encoder {args.encoder}, "
              f"device {args.device}, nprocs {args.nprocs}\n")
-    status = f"stopped after --timeout {args.timeout:g} s" if measured.timed_out else f"exit {measured.returncode}"
+    status = (f"stopped after --timeout {args.timeout:g} s (the CPU time of killed workers is not counted)"
+              if measured.timed_out else f"exit {measured.returncode}")
     parts = [title, f"cg3d {status}: {_fmt(measured.wall_s)} s wall, {_fmt(measured.cpu_s)} core-s "
              f"(process tree), {_fmt(measured.cpu_s / args.n, 2)} core-s per volume. Load average "
              f"{measured.load[0]:.1f} before, {measured.load[1]:.1f} after, on {os.cpu_count()} CPUs "
