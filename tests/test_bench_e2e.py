@@ -413,3 +413,17 @@ def test_parse_args_defaults():
     assert be.parse_args(["--device", "cuda"]).encoder == "dinov2_vitl14"
     with pytest.raises(SystemExit):
         be.parse_args(["--reuse"])
+
+
+@needs_data
+def test_build_only_then_reuse_from_the_command_line(tmp_path, capsys):
+    common = ["--n", "5", "--voxel-mm", "4x4x4", "--out-dir", str(tmp_path), "--nprocs", "1"]
+    assert be.main(["--build-only", *common]) == 0
+    built = _digests(tmp_path / "cohort")
+    assert len([k for k in built if k.endswith(".nii.gz")]) == 10
+    assert be.main(["--build-only", "--reuse", *common]) == 0
+    assert "reusing the cohort" in capsys.readouterr().err
+    assert _digests(tmp_path / "cohort") == built
+    assert be.main(["--build-only", "--reuse", "--seed", "1", *common]) == 0
+    assert "no cohort with these settings" in capsys.readouterr().err
+    assert _digests(tmp_path / "cohort") != built
