@@ -11,7 +11,7 @@ import os
 
 import pytest
 
-from cg3d_bids.reports.browser import check_report, find_chromium
+from browser import check_report, find_chromium
 
 pytestmark = pytest.mark.browser
 
