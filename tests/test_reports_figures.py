@@ -74,7 +74,9 @@ def mosaic(images, out, **kw) -> figures.MosaicInfo:
 # ------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("codes", ["LPS", "PIR", "ASL"])
 def test_storage_order_does_not_change_the_figure(tmp_path, codes):
-    ras = phantom(ras_affine())
+    affine = ras_affine(1.7)                   # display samples fall between voxels at arbitrary fractions
+    affine[:3, 3] += [0.31, -0.17, 0.45]
+    ras = phantom(affine, shape=(72, 90, 68))
     other = stored_as(ras, codes)
     assert nib.aff2axcodes(other["image"].affine) == tuple(codes)
     for ext in ("svg", "png"):
@@ -82,7 +84,7 @@ def test_storage_order_does_not_change_the_figure(tmp_path, codes):
         b = mosaic(other, tmp_path / f"other.{ext}")
         assert a == b
         assert (tmp_path / f"ras.{ext}").read_bytes() == (tmp_path / f"other.{ext}").read_bytes()
-    assert a.peak_mm == tuple(BLOB) and a.peak_value == pytest.approx(0.95)
+    assert np.linalg.norm(np.array(a.peak_mm) - BLOB) < 1.5 and a.peak_value > 0.9
 
 
 def test_figures_are_deterministic_and_files_equal_in_memory_images(tmp_path):
