@@ -351,7 +351,7 @@ def test_html_escapes_user_strings(built, tmp_path):
                 entities={"acquisition": "<i>x</i>"})
     subject = write_subject_report(tmp_path, "02", [r], prov).read_text()
     group = write_group_report(tmp_path, "T1w", [r], {"B": 1, "note": evil},
-                               [{"id": 1, "members": [f"<img src=x onerror=alert(1)>"], "n_suspicious": [3]}],
+                               [{"id": 1, "members": ["<img src=x onerror=alert(1)>"], "n_suspicious": [3]}],
                                prov).read_text()
     for text in (subject, group):
         assert evil not in text and "<b>bold</b>" not in text

@@ -13,7 +13,8 @@ superior up. Cut coordinates are world (scanner) millimetres.
 Figures are SVG (default) or PNG. In an SVG the image layers (anatomy, overlay, contours) are drawn
 once with Agg (``FIG_DPI``) and embedded as one 256-colour palette PNG (Pillow) under the vector
 layer; text stays text: a mosaic of a 1 mm brain is ~100-150 kB. The grey window is [0, 99.5th
-percentile of the image's voxels > 0] for every slice. Files are written atomically; the same inputs give the same bytes.
+percentile of the image's voxels > 0] for every slice. Files are written atomically; the same inputs
+give the same bytes.
 
 - :func:`plot_anomaly_mosaic`: three rows (sagittal ``x``, coronal ``y``, axial ``z``) of slices of
   the input image with the anomaly map (probseg) overlaid (transparent below a floor), the
@@ -564,7 +565,8 @@ def _draw_row(ax: plt.Axes, data: MosaicData, row: _Row, gap: int, floor: float)
             ax.plot(row.x(k, data.peak_mm[row.u_axis]), row.y(data.peak_mm[row.v_axis]), marker="o", ms=11,
                     mfc="none", mec=PEAK_MARK, mew=1.2, ls="none")
     top = row.bottom + row.height
-    for xpos, label, ha in ((row.left + 0.02, row.labels[0], "left"), (row.left + slice_w - 0.02, row.labels[1], "right")):
+    for xpos, label, ha in ((row.left + 0.02, row.labels[0], "left"),
+                            (row.left + slice_w - 0.02, row.labels[1], "right")):
         ax.text(xpos, top - 0.02, label, ha=ha, va="top", **dict(text, color="#dddddd"))
     ax.text(0.13, row.bottom + row.height / 2, row.name, color="#dddddd", fontsize=8, rotation=90,
             ha="center", va="center")
