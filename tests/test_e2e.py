@@ -258,7 +258,7 @@ def test_without_skip_bad_images_bad_data_stops_and_points_to_the_flag(skip_run)
 def test_every_report_opens_cleanly_in_chromium(plain_run, skip_run):
     """Every HTML report of two end-to-end runs (one with skipped images) in headless Chromium:
     no console error, no broken image, no network request, not blank."""
-    from cg3d_bids.reports.browser import check_report, find_chromium
+    from browser import check_report, find_chromium
 
     if find_chromium() is None:
         print("chromium not found: apt-get install chromium")

@@ -1,8 +1,9 @@
 """Group HTML report of one modality: ``<out_dir>/group_<modality>.html`` (single self-contained file).
 
-Contents: summary, the score distribution (inline SVG, one point per image, threshold line, flagged in
-red), a table of every image sortable by any column (inline vanilla JS) with flagged images first and
-links to ``sub-<label>.html#<image anchor>``, the communities linked by the consistent-anomaly stage,
+Contents: summary, the score distribution (inline SVG, one point per image at its subject score, the
+mask threshold converted to raw-score units, flagged in red), a table of every image sortable by any
+column (inline vanilla JS) with flagged images first and links to
+``sub-<label>.html#<image anchor>``, the communities linked by the consistent-anomaly stage,
 batch facts and runtimes, settings/provenance, a methods paragraph with references, and an evaluation
 placeholder between the markers :data:`EVALUATION_START` and :data:`EVALUATION_END` that
 :func:`insert_evaluation_section` (used by ``cg3d evaluate``) replaces.
@@ -10,6 +11,7 @@ placeholder between the markers :data:`EVALUATION_START` and :data:`EVALUATION_E
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from collections.abc import Sequence
@@ -22,6 +24,8 @@ from ..atomic import write_text
 from .data import ImageResult, Provenance, finite, image_anchor
 from .subject import render
 
+LOGGER = logging.getLogger("cg3d.reports")
+
 EVALUATION_START = "<!-- cg3d:evaluation:start -->"
 EVALUATION_END = "<!-- cg3d:evaluation:end -->"
 
@@ -32,8 +36,34 @@ _BATCH_LABELS = [
     ("cube_size", "cube size (voxels)"),
     ("layers", "layers (1-based)"),
     ("threshold", "mask threshold (probseg)"),
+    ("median", "batch median of the raw scores"),
+    ("scale", "batch scale of the raw scores"),
+    ("z_center", "probseg transform centre z"),
     ("device", "device"),
 ]
+
+
+def raw_threshold(threshold: Any, median: Any, scale: Any, z_center: Any) -> float | None:
+    """The raw score at which probseg equals ``threshold``; None when a number is missing or invalid.
+
+    probseg = logistic((raw - median) / scale - z_center), hence
+    raw = median + scale * (z_center + ln(t / (1 - t))).
+    """
+    if not all(finite(v) for v in (threshold, median, scale, z_center)):
+        return None
+    t, scale = float(threshold), float(scale)
+    if not 0.0 < t < 1.0 or scale <= 0.0:
+        return None
+    return float(median) + scale * (float(z_center) + math.log(t / (1.0 - t)))
+
+
+def _check_flags(results: Sequence[ImageResult], raw_thr: float) -> None:
+    """Log images whose flag disagrees with their subject score and the raw threshold."""
+    tol = 1e-5 * max(1.0, abs(raw_thr))
+    odd = [r.bids_name for r in results if r.ok and finite(r.score)
+           and ((r.flagged and r.score < raw_thr - tol) or (not r.flagged and r.score > raw_thr + tol))]
+    if odd:
+        LOGGER.warning("flag and score disagree with the raw threshold %.4g for %s", raw_thr, ", ".join(odd))
 
 
 def _value(value: Any) -> str:
@@ -66,9 +96,14 @@ def write_group_report(
     """Write ``<out_dir>/group_<modality>.html`` and return its path.
 
     ``batch``: facts of the scoring batch — ``B``, ``K``, ``fraction``, ``cube_size``, ``layers``,
-    ``device``, ``threshold`` and ``runtime_s`` (``{stage: seconds}``); missing keys are left out, other
-    keys are shown as they are. ``communities``: ``[{"id", "members": [bids_name, …],
-    "n_suspicious": [int per member]}]`` from the consistent-anomaly stage.
+    ``device``, ``threshold`` (probseg), ``median``, ``scale`` and ``z_center`` (the batch's robust
+    statistics of the raw scores and the probseg transform's centre, as in each probseg sidecar's
+    ``BatchMedian``, ``BatchScale``, ``ZCenter``; ``z_center`` defaults to the provenance's) and
+    ``runtime_s`` (``{stage: seconds}``); missing keys are left out, other keys are shown as they are.
+    The score plot's x axis is the subject score (peak raw score); its threshold line is the probseg
+    threshold converted to raw units (:func:`raw_threshold`), drawn only when the statistics are given.
+    ``communities``: ``[{"id", "members": [bids_name, …], "n_suspicious": [int per member]}]`` from the
+    consistent-anomaly stage.
     """
     from . import figures
 
@@ -79,6 +114,10 @@ def write_group_report(
     prov = provenance if isinstance(provenance, Provenance) else Provenance.from_dict(provenance or {})
     threshold = batch.get("threshold", prov.threshold)
     threshold = float(threshold) if finite(threshold) else None
+    batch.setdefault("z_center", prov.z_center)
+    raw_thr = raw_threshold(threshold, batch.get("median"), batch.get("scale"), batch.get("z_center"))
+    if raw_thr is not None:
+        _check_flags(results, raw_thr)
 
     ordered = default_order(results)
     rows = []
@@ -101,7 +140,8 @@ def write_group_report(
     ok = [r for r in results if r.ok and finite(r.score)]
     svg = figures.plot_score_distribution(
         [r.bids_name for r in ok], [float(r.score) for r in ok], [r.flagged for r in ok],
-        threshold=threshold, xlabel=f"subject score of {modality} images (maximum of the anomaly map)",
+        threshold=raw_thr, xlabel=f"subject score of {modality} images (peak raw score)",
+        threshold_label=None if raw_thr is None else f"mask threshold: raw {raw_thr:.4g} = probseg {threshold:g}",
     )
 
     com_rows = []
@@ -125,6 +165,8 @@ def write_group_report(
             value = ", ".join(str(v) for v in value)
         if value is not None:
             batch_rows.append((label, value))
+        if key == "z_center" and raw_thr is not None:
+            batch_rows.append(("mask threshold (raw score)", f"{raw_thr:.6g}"))
     runtime = batch.get("runtime_s", batch.get("runtime", batch.get("timings"))) or {}
     skip = {k for k, _ in _BATCH_LABELS} | {"runtime_s", "runtime", "timings"}
     batch_rows += [(k, v) for k, v in sorted(batch.items()) if k not in skip and v is not None]
@@ -136,7 +178,7 @@ def write_group_report(
         "group.html", modality=modality, prov=prov, prov_rows=prov.rows(), rows=rows,
         n_images=n_images, n_ok=len([r for r in results if r.ok]),
         n_failed=len([r for r in results if not r.ok]),
-        n_flagged=len([r for r in results if r.ok and r.flagged]), threshold=threshold,
+        n_flagged=len([r for r in results if r.ok and r.flagged]), threshold=threshold, raw_threshold=raw_thr,
         distribution_svg=Markup(svg), communities=com_rows, batch_rows=batch_rows,
         runtime_rows=runtime_rows,
     )
