@@ -394,9 +394,16 @@ def _finalise_logs(settings: Settings, cache: WorkCache) -> None:
     log = cache.run_dir / "cg3d.log"
     if log.exists():
         write_text(logs / f"cg3d-{run_id}.log", log.read_text())
-    timings.write_tsv(logs / f"timings-{run_id}.tsv", timings.collect(cache.run_dir / "timings"))
+    rows = timings.collect(cache.run_dir / "timings")
+    timings.write_tsv(logs / f"timings-{run_id}.tsv", rows)
     if settings.inputs.analysis_level == "group":
         write_text(logs / "CITATION.md", citation_markdown(settings))
+        from ..reports.group import group_report_path, insert_timings
+
+        for modality in settings.inputs.modality:
+            report = group_report_path(settings.inputs.output_dir, modality)
+            if report.exists():
+                insert_timings(report, modality, rows, run_id)
 
 
 def _add_file_log(path: Path) -> logging.FileHandler:

@@ -26,6 +26,8 @@ from .subject import render
 
 LOGGER = logging.getLogger("cg3d.reports")
 
+TIMINGS_START = "<!-- cg3d:timings:start -->"
+TIMINGS_END = "<!-- cg3d:timings:end -->"
 EVALUATION_START = "<!-- cg3d:evaluation:start -->"
 EVALUATION_END = "<!-- cg3d:evaluation:end -->"
 
@@ -171,8 +173,6 @@ def write_group_report(
     skip = {k for k, _ in _BATCH_LABELS} | {"runtime_s", "runtime", "timings"}
     batch_rows += [(k, v) for k, v in sorted(batch.items()) if k not in skip and v is not None]
     runtime_rows = [(str(k), v) for k, v in runtime.items()] if isinstance(runtime, dict) else []
-    if runtime_rows and all(finite(v) for _, v in runtime_rows):
-        runtime_rows.append(("total", sum(float(v) for _, v in runtime_rows)))
 
     html = render(
         "group.html", modality=modality, prov=prov, prov_rows=prov.rows(), rows=rows,
@@ -180,11 +180,43 @@ def write_group_report(
         n_failed=len([r for r in results if not r.ok]),
         n_flagged=len([r for r in results if r.ok and r.flagged]), threshold=threshold, raw_threshold=raw_thr,
         distribution_svg=Markup(svg), communities=com_rows, batch_rows=batch_rows,
-        runtime_rows=runtime_rows,
+        runtime_rows=runtime_rows, timings_start=Markup(TIMINGS_START), timings_end=Markup(TIMINGS_END),
     )
     report = group_report_path(out_dir, modality)
     write_text(report, html)
     return report
+
+
+def insert_timings(report_path: str | os.PathLike, modality: str, rows: Sequence[Any], run_id: str) -> Path:
+    """Put the run's per-stage timings (:class:`cg3d_bids.timings.TimingRow`, rows of ``modality``
+    and of every modality) into the Batch card of a group report, between the timings markers."""
+    shown = [row for row in rows if row.modality in (modality, "all")]
+    fragment = render("_timings.html", rows=shown, run_id=run_id, generated="")
+    return _replace_between(report_path, TIMINGS_START, TIMINGS_END, fragment, "timings")
+
+
+def _replace_between(report_path: str | os.PathLike, start_marker: str, end_marker: str, fragment: str,
+                     section_id: str) -> Path:
+    """Replace what lies between two markers of a report with ``fragment`` (atomic, idempotent); a
+    report without the markers gets them, around the fragment, in a new card before ``</main>``."""
+    report_path = Path(report_path)
+    if start_marker in fragment or end_marker in fragment:
+        raise ValueError(f"the {section_id} fragment must not contain its markers")
+    text = report_path.read_text(encoding="utf-8")
+    block = f"{start_marker}\n{fragment.strip()}\n{end_marker}"
+    start = text.find(start_marker)
+    end = text.find(end_marker, start + 1) if start >= 0 else -1
+    if start >= 0 and end > start:
+        new = text[:start] + block + text[end + len(end_marker):]
+    else:
+        section = f'<section class="card" id="{section_id}">\n{block}\n</section>\n'
+        body = text.lower().rfind("</main>")
+        if body < 0:
+            body = text.lower().rfind("</body>")
+        new = text[:body] + section + text[body:] if body >= 0 else text + "\n" + section
+    if new != text:
+        write_text(report_path, new)
+    return report_path
 
 
 def insert_evaluation_section(report_path: str | os.PathLike, html_fragment: str) -> Path:
@@ -194,21 +226,4 @@ def insert_evaluation_section(report_path: str | os.PathLike, html_fragment: str
     file. A report without the markers gets them (around the fragment) before ``</body>``. The
     fragment is trusted HTML (written by ``cg3d evaluate``) but must not contain the markers.
     """
-    report_path = Path(report_path)
-    if EVALUATION_START in html_fragment or EVALUATION_END in html_fragment:
-        raise ValueError("the evaluation fragment must not contain the evaluation markers")
-    text = report_path.read_text(encoding="utf-8")
-    block = f"{EVALUATION_START}\n{html_fragment.strip()}\n{EVALUATION_END}"
-    start = text.find(EVALUATION_START)
-    end = text.find(EVALUATION_END, start + 1) if start >= 0 else -1
-    if start >= 0 and end > start:
-        new = text[:start] + block + text[end + len(EVALUATION_END):]
-    else:
-        section = f'<section class="card" id="evaluation">\n{block}\n</section>\n'
-        body = text.lower().rfind("</main>")
-        if body < 0:
-            body = text.lower().rfind("</body>")
-        new = text[:body] + section + text[body:] if body >= 0 else text + "\n" + section
-    if new != text:
-        write_text(report_path, new)
-    return report_path
+    return _replace_between(report_path, EVALUATION_START, EVALUATION_END, html_fragment, "evaluation")

@@ -43,6 +43,7 @@ def group(ctx: StageContext, results: list[ImageResult], scores: Ref[BatchScores
         "B": n_scored, "K": summary.k, "fraction": settings.method.fraction,
         "cube_size": settings.method.cube_size, "layers": list(settings.run.layers),
         "device": settings.execution.device, "threshold": settings.method.threshold,
+        "median": batch.median, "scale": batch.scale, "z_center": settings.method.z_center,
         "runtime_s": dict(batch.timings),
     }
     communities = [{"id": k + 1, "members": list(c.members), "n_suspicious": list(c.n_suspicious)}
