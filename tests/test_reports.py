@@ -306,7 +306,8 @@ def test_group_distribution_and_batch(built):
     assert text.count("<title>sub-") == len(ok)                 # one hoverable point per scored image
     assert "mask threshold: raw 1.3 = probseg 0.5" in text and 'id="cg3d-threshold"' in text
     assert "mask threshold (raw score)" in text and "batch median of the raw scores" in text
-    assert 'id="runtime-table"' in text and "41.0 s" in text and "total" in text
+    assert 'id="runtime-table"' in text and "41.0 s" in text
+    assert "filled in here when the run finishes" in text
     assert "batch size B" in text
     for ref in ("Le-Gia", "MuSc", "CoDeGraph", "DINOv2", "Nipype", "PyBIDS", "Nyúl"):
         assert ref in text
@@ -554,3 +555,23 @@ def test_group_report_warns_when_a_flag_contradicts_the_threshold(built, tmp_pat
     with caplog.at_level("WARNING", logger="cg3d.reports"):
         write_group_report(tmp_path, "T2w", built.results["T2w"], built.batch, [], built.provenance)
     assert "disagree" not in caplog.text
+
+
+def test_group_report_timings_are_filled_in_at_the_end(built):
+    """The Batch card's timings block is replaced by the run's table (idempotently)."""
+    from cg3d_bids.reports.group import insert_timings
+    from cg3d_bids.timings import TimingRow
+
+    report = built.group_reports["T2w"]
+    rows = [TimingRow("prepare", "T2w", 4, 2.0, 3.5, 0.0, 2.0), TimingRow("score", "T1w", 4, 9.0, 9.0, 2.0, 11.0),
+            TimingRow("total", "all", 0, 20.0, 30.0, 0.0, 20.0)]
+    insert_timings(report, "T2w", rows, "run-42")
+    text = report.read_text()
+    assert "filled in here when the run finishes" not in text
+    block = text[text.index("cg3d:timings:start"):text.index("cg3d:timings:end")]
+    assert "timings-run-42.tsv" in block and ">prepare<" in block and ">total<" in block
+    assert ">score<" not in block, "rows of another modality are left out"
+    assert "1.8" in block  # CPU / wall of prepare (3.5 / 2.0)
+    before = report.read_text()
+    insert_timings(report, "T2w", rows, "run-42")
+    assert report.read_text() == before
