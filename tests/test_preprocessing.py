@@ -389,3 +389,26 @@ def test_truncated_mask_named(tmp_path):
     with pytest.raises(InputDataError) as exc:
         load_mask_for_image(bad, image)
     assert str(bad) in str(exc.value)
+
+
+@pytest.mark.parametrize("oblique", [False, True])
+def test_resampling_only_where_needed_is_bit_identical(oblique):
+    """The brain-only resampling gives exactly affine_transform's values (the cube and the maps
+    must not change when the work shrinks)."""
+    from cg3d_bids.core.preprocessing.resample import resample, resample_mask, resample_where
+
+    rng = np.random.default_rng(7 + oblique)
+    data = rng.random((50, 57, 43)).astype(np.float32)
+    mask = np.zeros(data.shape, bool)
+    mask[10:40, 12:45, 8:35] = rng.random((30, 33, 27)) > 0.2
+    vox2vox = np.eye(4)
+    vox2vox[:3, :3] = np.diag(rng.uniform(0.5, 1.5, 3)) + (rng.normal(size=(3, 3)) * 0.2 if oblique else 0)
+    vox2vox[:3, 3] = rng.uniform(-6, 6, 3)
+    shape = (48, 48, 48)
+    expected_mask = resample(mask.astype(np.uint8), vox2vox, shape, 0).astype(bool)
+    expected = resample(data, vox2vox, shape, 1)
+    expected[~expected_mask] = 0
+    got_mask = resample_mask(mask, vox2vox, shape)
+    assert got_mask.any() and np.array_equal(got_mask, expected_mask)
+    assert np.array_equal(resample_where(data, vox2vox, got_mask, 1), expected)
+    assert not resample_mask(np.zeros_like(mask), vox2vox, shape).any()

@@ -23,6 +23,7 @@ from scipy import ndimage
 
 from ...errors import InputDataError
 from .io import source_name
+from .resample import resample, resample_mask, resample_where, voxel_to_world
 
 LOGGER = logging.getLogger("cg3d")
 
@@ -42,14 +43,10 @@ class Cube:
     center: np.ndarray | None = None  # world mm of the cube centre (brain bbox centre)
 
 
-def voxel_to_world(ijk: np.ndarray, affine: np.ndarray) -> np.ndarray:
-    """World coordinates (N, 3) of voxel coordinates (N, 3) under a 4x4 affine."""
-    return np.asarray(ijk, dtype=np.float64) @ affine[:3, :3].T + affine[:3, 3]
-
-
-def brain_bbox_center(mask: np.ndarray, affine: np.ndarray) -> np.ndarray:
-    """Centre (world mm) of the world-axis-aligned bounding box of the mask's voxel centres."""
-    world = voxel_to_world(np.argwhere(mask), affine)
+def brain_bbox_center(mask: np.ndarray, affine: np.ndarray, *, ijk: np.ndarray | None = None) -> np.ndarray:
+    """Centre (world mm) of the world-axis-aligned bounding box of the mask's voxel centres
+    (``ijk``: ``np.argwhere(mask)`` when the caller has it already)."""
+    world = voxel_to_world(np.argwhere(mask) if ijk is None else ijk, affine)
     return (world.min(axis=0) + world.max(axis=0)) / 2.0
 
 
@@ -61,20 +58,14 @@ def cube_affine(center: np.ndarray, size: int, fov_mm: float) -> np.ndarray:
     return affine
 
 
-def fraction_outside(mask: np.ndarray, affine: np.ndarray, cube_aff: np.ndarray, size: int) -> float:
-    """Fraction of the mask's voxel centres that fall outside the cube's extent."""
-    ijk = np.argwhere(mask)
+def fraction_outside(mask: np.ndarray, affine: np.ndarray, cube_aff: np.ndarray, size: int, *,
+                     ijk: np.ndarray | None = None) -> float:
+    """Fraction of the mask's voxel centres that fall outside the cube's extent (``ijk``: as in
+    :func:`brain_bbox_center`)."""
+    ijk = np.argwhere(mask) if ijk is None else ijk
     coords = voxel_to_world(ijk, np.linalg.inv(cube_aff) @ affine)
     inside = np.all((coords >= -0.5) & (coords <= size - 0.5), axis=1)
     return float(1.0 - inside.mean())
-
-
-def resample(data: np.ndarray, vox2vox: np.ndarray, shape: tuple[int, ...], order: int) -> np.ndarray:
-    """Sample ``data`` at ``vox2vox @ output_voxel`` (0 outside); order 0 nearest, 1 linear."""
-    return ndimage.affine_transform(
-        data, vox2vox[:3, :3], offset=vox2vox[:3, 3], output_shape=tuple(shape), order=order,
-        mode="constant", cval=0.0, prefilter=False,
-    )
 
 
 def make_cube(image: nib.Nifti1Image, mask: np.ndarray, *, size: int = 224, fov_mm: float = 156.0,
@@ -96,17 +87,17 @@ def make_cube(image: nib.Nifti1Image, mask: np.ndarray, *, size: int = 224, fov_
     if not mask.any():
         raise InputDataError("the brain mask is empty", path=source_name(image),
                              fix="check the brain mask (or use --mask-source nonzero / skullstrip)")
-    center = brain_bbox_center(mask, image.affine)
+    ijk = np.argwhere(mask)
+    center = brain_bbox_center(mask, image.affine, ijk=ijk)
     affine = cube_affine(center, size, fov_mm)
     vox2vox = np.linalg.inv(image.affine) @ affine
     shape = (size, size, size)
-    cube_mask = resample(mask.astype(np.uint8), vox2vox, shape, order=0).astype(bool)
+    cube_mask = resample_mask(mask, vox2vox, shape)
     if not cube_mask.any():
         raise InputDataError("the brain mask vanishes in the cube (mask much smaller than a cube voxel)",
                              path=source_name(image), fix="check the brain mask and --fov-mm/--cube-size")
-    cube_data = resample(data, vox2vox, shape, order=order).astype(np.float32, copy=False)
-    cube_data[~cube_mask] = 0.0
-    outside = fraction_outside(mask, image.affine, affine, size)
+    cube_data = resample_where(data, vox2vox, cube_mask, order=order).astype(np.float32, copy=False)
+    outside = fraction_outside(mask, image.affine, affine, size, ijk=ijk)
     if warn_outside and outside > OUTSIDE_WARN_FRACTION:
         LOGGER.warning("%.1f %% of the brain of %s falls outside the %g mm cube (increase --fov-mm?)",
                        100 * outside, source_name(image), fov_mm)
@@ -126,10 +117,9 @@ def cube_to_native(cube_map: np.ndarray, cube_affine: np.ndarray, native_img: ni
         raise ValueError(f"cube_map must be 3D, got shape {cube_map.shape}")
     shape = tuple(int(n) for n in native_img.shape[:3])
     vox2vox = np.linalg.inv(np.asarray(cube_affine, dtype=np.float64)) @ native_img.affine
-    out = resample(cube_map, vox2vox, shape, order=1).astype(np.float32, copy=False)
-    if mask_native is not None:
-        mask_native = np.asarray(mask_native, dtype=bool)
-        if mask_native.shape != shape:
-            raise ValueError(f"mask_native shape {mask_native.shape} != native shape {shape}")
-        out[~mask_native] = 0.0
-    return out
+    if mask_native is None:
+        return resample(cube_map, vox2vox, shape, order=1).astype(np.float32, copy=False)
+    mask_native = np.asarray(mask_native, dtype=bool)
+    if mask_native.shape != shape:
+        raise ValueError(f"mask_native shape {mask_native.shape} != native shape {shape}")
+    return resample_where(cube_map, vox2vox, mask_native, order=1).astype(np.float32, copy=False)
