@@ -23,7 +23,7 @@ from scipy import ndimage
 
 from ...errors import InputDataError
 from .io import source_name
-from .resample import resample, resample_mask, resample_where, voxel_to_world
+from .resample import axis_aligned, resample, resample_mask, resample_where, voxel_to_world
 
 LOGGER = logging.getLogger("cg3d")
 
@@ -46,8 +46,22 @@ class Cube:
 def brain_bbox_center(mask: np.ndarray, affine: np.ndarray, *, ijk: np.ndarray | None = None) -> np.ndarray:
     """Centre (world mm) of the world-axis-aligned bounding box of the mask's voxel centres
     (``ijk``: ``np.argwhere(mask)`` when the caller has it already)."""
-    world = voxel_to_world(np.argwhere(mask) if ijk is None else ijk, affine)
+    if axis_aligned(affine):  # world x, y, z follow voxel i, j, k: the extremes are the index extremes
+        spans = _index_spans(mask)
+        ends = np.array([[spans[h][0] for h in range(3)], [spans[h][1] for h in range(3)]], dtype=np.float64)
+        world = voxel_to_world(ends, affine)
+    else:
+        world = voxel_to_world(np.argwhere(mask) if ijk is None else ijk, affine)
     return (world.min(axis=0) + world.max(axis=0)) / 2.0
+
+
+def _index_spans(mask: np.ndarray) -> list[tuple[int, int]]:
+    """First and last index of the mask along each axis."""
+    spans = []
+    for axis in range(3):
+        hits = np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != axis)))
+        spans.append((int(hits[0]), int(hits[-1])))
+    return spans
 
 
 def cube_affine(center: np.ndarray, size: int, fov_mm: float) -> np.ndarray:
@@ -62,8 +76,16 @@ def fraction_outside(mask: np.ndarray, affine: np.ndarray, cube_aff: np.ndarray,
                      ijk: np.ndarray | None = None) -> float:
     """Fraction of the mask's voxel centres that fall outside the cube's extent (``ijk``: as in
     :func:`brain_bbox_center`)."""
+    to_cube = np.linalg.inv(cube_aff) @ affine
+    if axis_aligned(to_cube):  # the inside test separates by axis: count the mask in the inside box
+        inside = []
+        for h in range(3):
+            c = np.arange(mask.shape[h], dtype=np.float64) * to_cube[h, h] + to_cube[h, 3]
+            inside.append((c >= -0.5) & (c <= size - 0.5))
+        kept = np.count_nonzero(mask & inside[0][:, None, None] & inside[1][None, :, None] & inside[2][None, None, :])
+        return float(1.0 - kept / np.count_nonzero(mask))
     ijk = np.argwhere(mask) if ijk is None else ijk
-    coords = voxel_to_world(ijk, np.linalg.inv(cube_aff) @ affine)
+    coords = voxel_to_world(ijk, to_cube)
     inside = np.all((coords >= -0.5) & (coords <= size - 0.5), axis=1)
     return float(1.0 - inside.mean())
 
@@ -87,7 +109,7 @@ def make_cube(image: nib.Nifti1Image, mask: np.ndarray, *, size: int = 224, fov_
     if not mask.any():
         raise InputDataError("the brain mask is empty", path=source_name(image),
                              fix="check the brain mask (or use --mask-source nonzero / skullstrip)")
-    ijk = np.argwhere(mask)
+    ijk = None if axis_aligned(image.affine) else np.argwhere(mask)
     center = brain_bbox_center(mask, image.affine, ijk=ijk)
     affine = cube_affine(center, size, fov_mm)
     vox2vox = np.linalg.inv(image.affine) @ affine

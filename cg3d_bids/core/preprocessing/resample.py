@@ -13,12 +13,27 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
-__all__ = ["resample", "resample_mask", "resample_where", "voxel_to_world"]
+__all__ = ["axis_aligned", "resample", "resample_mask", "resample_where", "voxel_to_world"]
 
 
 def voxel_to_world(ijk: np.ndarray, affine: np.ndarray) -> np.ndarray:
     """World coordinates (N, 3) of voxel coordinates (N, 3) under a 4x4 affine."""
     return np.asarray(ijk, dtype=np.float64) @ affine[:3, :3].T + affine[:3, 3]
+
+
+def axis_aligned(affine: np.ndarray) -> bool:
+    """Whether the 3x3 part of ``affine`` is diagonal (exact zeros elsewhere): then each output axis
+    maps to one input axis and every coordinate computation separates by axis, exactly."""
+    linear = np.asarray(affine, dtype=np.float64)[:3, :3]
+    return bool(np.all(linear[~np.eye(3, dtype=bool)] == 0.0))
+
+
+def _axis_coordinates(vox2vox: np.ndarray, starts, stops) -> list[np.ndarray]:
+    """Per axis ``h``, the input coordinates of output indices ``starts[h]..stops[h]-1`` of an
+    axis-aligned ``vox2vox``: ``i * m_hh + shift_h``, what ``affine_transform`` computes (the
+    other terms of its sum are exact zeros)."""
+    return [np.arange(a, b, dtype=np.float64) * vox2vox[h, h] + vox2vox[h, 3]
+            for h, (a, b) in enumerate(zip(starts, stops))]
 
 
 def resample(data: np.ndarray, vox2vox: np.ndarray, shape: tuple[int, ...], order: int) -> np.ndarray:
@@ -49,7 +64,11 @@ def resample_where(data: np.ndarray, vox2vox: np.ndarray, where: np.ndarray, ord
     out = np.zeros(where.shape, dtype=data.dtype)
     index = np.nonzero(where)
     if index[0].size:
-        coordinates = _input_coordinates(vox2vox, np.stack(index))
+        if axis_aligned(vox2vox):
+            axes = _axis_coordinates(vox2vox, (0, 0, 0), where.shape)
+            coordinates = np.stack([axes[h][index[h]] for h in range(3)])
+        else:
+            coordinates = _input_coordinates(vox2vox, np.stack(index))
         out[index] = ndimage.map_coordinates(data, coordinates, order=order, mode="constant", cval=0.0,
                                              prefilter=False)
     return out
@@ -75,6 +94,9 @@ def resample_mask(mask: np.ndarray, vox2vox: np.ndarray, shape: tuple[int, ...])
     if any(span.size == 0 for span in spans):
         return out
     box = _mask_box(mask.shape, np.array([s[0] for s in spans]), np.array([s[-1] for s in spans]), vox2vox, shape)
+    if axis_aligned(vox2vox):
+        out[box] = _nearest_separable(mask, vox2vox, box)
+        return out
     grid = np.mgrid[box]
     if grid[0].size == 0:
         return out
@@ -83,3 +105,16 @@ def resample_mask(mask: np.ndarray, vox2vox: np.ndarray, shape: tuple[int, ...])
                                      prefilter=False)
     out[box] = values.reshape(grid.shape[1:]).astype(bool)
     return out
+
+
+def _nearest_separable(mask: np.ndarray, vox2vox: np.ndarray, box: tuple[slice, ...]) -> np.ndarray:
+    """Nearest-neighbour values of an axis-aligned resampling in ``box``, axis by axis: scipy takes
+    voxel ``floor(c + 0.5)`` for a coordinate ``0 <= c <= n - 1`` and the constant 0 elsewhere."""
+    axes = _axis_coordinates(vox2vox, [b.start for b in box], [b.stop for b in box])
+    index, valid = [], []
+    for h, c in enumerate(axes):
+        ok = (c >= 0) & (c <= mask.shape[h] - 1)
+        index.append(np.where(ok, np.floor(c + 0.5), 0).astype(np.intp))
+        valid.append(ok)
+    values = mask[np.ix_(*index)]
+    return values & valid[0][:, None, None] & valid[1][None, :, None] & valid[2][None, None, :]
