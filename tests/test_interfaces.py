@@ -47,7 +47,7 @@ def test_out_of_memory_is_recognised_by_type_not_text():
 
 
 def test_unsupported_parameter_types_are_refused():
-    def bad(ctx, value: int) -> rec.Landmarks:  # pragma: no cover - never called
+    def bad(ctx, value: float) -> rec.Landmarks:  # pragma: no cover - never called
         raise AssertionError
 
     with pytest.raises(TypeError, match="unsupported type"):

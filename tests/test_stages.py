@@ -124,9 +124,10 @@ def test_score_passes_the_block_memory_setting(scored, monkeypatch):
 
 def test_outputs_write_maps_or_record_the_failure(scored, monkeypatch):
     ctx, prepared = scored["ctx"], scored["prepared"][2]
-    ref = stages.Ref(ctx.cache.store(scored["scores"]), rec.BatchScores)
+    ref = [stages.Ref(ctx.cache.store(scored["scores"]), rec.BatchScores)]
     result = stages.outputs(ctx, prepared, ref)
     assert result.ok and result.score_max > 0 and result.outside_fraction == prepared.outside_fraction
+    assert result.batch == 1
     probseg = ctx.settings.inputs.output_dir / "sub-03" / "anat" / "sub-03_label-anomaly_desc-T1w_probseg.nii.gz"
     assert nib.load(probseg).shape == nib.load(prepared.image.path).shape
     import cg3d_bids.core.maps as maps

@@ -217,8 +217,7 @@ def _run(settings: Settings, cache: WorkCache) -> int:
             fix="check --modality and the filters, and that anat/ holds *_T1w/*_T2w/*_FLAIR.nii[.gz]",
         )
     print(selected.summary(), file=sys.stderr)
-    if inputs.analysis_level == "group":
-        _check_batch_sizes(settings, images)
+    batches = _plan_batches(settings, images) if inputs.analysis_level == "group" else None
     settings = resolve_run_info(settings, cache.run_id)
     from ..atomic import write_text
 
@@ -232,7 +231,7 @@ def _run(settings: Settings, cache: WorkCache) -> int:
     cohort_paths = {mod: [(r.bids_name, stored[r.bids_name]) for r in (cohort.images.get(mod) or recs)]
                     for mod, recs in images.items()}
     subjects = sorted({rec.subject for recs in images.values() for rec in recs})
-    _run_workflow(settings, settings_file, cache, selected_paths, cohort_paths, subjects)
+    _run_workflow(settings, settings_file, cache, selected_paths, cohort_paths, subjects, batches)
     chosen = {rec.bids_name for recs in images.values() for rec in recs}
     skipped = sorted(name for name in cache.skipped() if name in chosen)
     if inputs.analysis_level != "group":
@@ -253,28 +252,45 @@ def _run(settings: Settings, cache: WorkCache) -> int:
     return 0
 
 
-def _check_batch_sizes(settings: Settings, images: dict[str, list]) -> None:
+def _plan_batches(settings: Settings, images: dict[str, list]) -> dict[str, list[tuple[int, list[str]]]]:
+    """Per modality, the scoring batches ``(number, names)`` (``--batch-size``; the assignment is
+    kept in the work dir so that an image keeps its chunk), each large enough for K >= 1."""
+    from ..batches import assign_batches, assignment_path, batches_of, load_assignment, save_assignment
     from ..core.scoring import minimum_batch_size
 
-    fraction = settings.method.fraction
+    method, execution = settings.method, settings.execution
+    need = minimum_batch_size(method.fraction)
+    plan = {}
     for modality, recs in images.items():
-        b = len(recs)
-        k = int(fraction * (b - 1))
-        if k < 1:
-            need = minimum_batch_size(fraction)
+        names = [r.bids_name for r in recs]
+        path = assignment_path(execution.work_dir, modality, method.batch_size, method.random_seed)
+        previous = {} if execution.reassign_batches else load_assignment(path)
+        assignment = assign_batches(names, method.batch_size, method.random_seed, previous)
+        if method.batch_size:
+            save_assignment(path, assignment)
+        plan[modality] = batches_of(assignment, names)
+        small = min(len(members) for _, members in plan[modality])
+        if small < need:
+            where = (f"{modality}: {len(names)} image(s)" if len(plan[modality]) == 1 else
+                     f"{modality}: a batch of {small} image(s) (--batch-size {method.batch_size} over {len(names)})")
             raise BatchTooSmallError(
-                f"{modality}: {b} image(s) is below the minimum batch: mutual scoring averages "
-                f"K = floor({fraction} * (B - 1)) = {k} nearest images",
+                f"{where} is below the minimum batch: mutual scoring averages K = floor({method.fraction} "
+                f"* (B - 1)) nearest images, so a batch needs {need} images at this fraction",
                 path=settings.inputs.bids_dir,
-                fix=f"score at least {need} {modality} images together (drop the participant filter or "
-                f"add subjects), raise --fraction, or leave {modality} out with --modality",
+                fix=(f"raise --batch-size (at least {need}; the paper keeps accuracy from B = 30)" if method.batch_size
+                     else f"score at least {need} {modality} images together (drop the participant filter "
+                     f"or add subjects), raise --fraction, or leave {modality} out with --modality"),
             )
-        if b < 15:
-            LOGGER.warning("%s: batch of %d images; accuracy drops below B = 15 (paper Table 5)", modality, b)
+        if small < 15:
+            LOGGER.warning("%s: batch of %d images; accuracy drops below B = 15 (paper Table 5)", modality, small)
+        if len(plan[modality]) > 1:
+            LOGGER.info("%s: %d scoring batches of %s images", modality, len(plan[modality]),
+                        ", ".join(str(len(m)) for _, m in plan[modality]))
+    return plan
 
 
 def _run_workflow(settings: Settings, settings_file: Path, cache: WorkCache, selected, cohort,
-                  subjects: list[str]) -> None:
+                  subjects: list[str], batches=None) -> None:
     from nipype import config as nipype_config
 
     from ..workflows.base import init_cg3d_wf
@@ -301,7 +317,7 @@ def _run_workflow(settings: Settings, settings_file: Path, cache: WorkCache, sel
     # step on each other's (the content-keyed work cache beside them is shared and safe).
     nipype_dir = cache.run_dir / "nipype"
     wf = init_cg3d_wf(settings_file=settings_file, analysis_level=settings.inputs.analysis_level,
-                      selected=selected, cohort=cohort, subjects=subjects, use_gpu=use_gpu,
+                      selected=selected, cohort=cohort, subjects=subjects, batches=batches, use_gpu=use_gpu,
                       n_chunks=nprocs, base_dir=nipype_dir)
     plugin, plugin_args = _plugin(settings, nprocs, use_gpu)
     if plugin == "MultiProc" and plugin_args.get("mp_context") != "spawn":

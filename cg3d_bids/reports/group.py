@@ -136,7 +136,7 @@ def write_group_report(
             "volume": r.anomalous_volume_mm3, "volume_value": _value(r.anomalous_volume_mm3 if r.ok else None),
             "n_components": len(r.components or []),
             "n_components_value": _value(len(r.components or []) if r.ok else None),
-            "error": None if r.ok else r.error,
+            "error": None if r.ok else r.error, "batch": r.batch,
         })
 
     ok = [r for r in results if r.ok and finite(r.score)]
@@ -180,7 +180,7 @@ def write_group_report(
         n_failed=len([r for r in results if not r.ok]),
         n_flagged=len([r for r in results if r.ok and r.flagged]), threshold=threshold, raw_threshold=raw_thr,
         distribution_svg=Markup(svg), communities=com_rows, batch_rows=batch_rows,
-        runtime_rows=runtime_rows, timings_start=Markup(TIMINGS_START), timings_end=Markup(TIMINGS_END),
+        runtime_rows=runtime_rows, show_batch=len({r.batch for r in results if r.batch is not None}) > 1, timings_start=Markup(TIMINGS_START), timings_end=Markup(TIMINGS_END),
     )
     report = group_report_path(out_dir, modality)
     write_text(report, html)

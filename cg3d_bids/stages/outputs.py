@@ -25,18 +25,29 @@ __all__ = ["outputs"]
 
 
 @stage("outputs")
-def outputs(ctx: StageContext, prepared: PreparedImage, scores: Ref[BatchScores]) -> ImageResult:
-    """Write the outputs of one image; its :class:`ImageResult` (``ok``, ``skipped`` or ``failed``)."""
+def outputs(ctx: StageContext, prepared: PreparedImage, scores: list[Ref[BatchScores]]) -> ImageResult:
+    """Write the outputs of one image (scored in one of the modality's batches ``scores``); its
+    :class:`ImageResult` (``ok``, ``skipped`` or ``failed``)."""
     if not prepared.usable:
         return ImageResult(image=prepared.image, status="skipped", error=prepared.error)
     try:
-        return _write(ctx, prepared, scores.load())
+        return _write(ctx, prepared, batch_of(prepared.name, scores).load())
     except Exception as exc:
         if ctx.settings.execution.stop_on_first_crash:
             raise
         LOGGER.error("writing the outputs of %s failed: %s: %s", prepared.name, type(exc).__name__, exc,
                      exc_info=True)
         return ImageResult(image=prepared.image, status="failed", error=f"{type(exc).__name__}: {exc}")
+
+
+def batch_of(bids_name: str, scores: list[Ref[BatchScores]]) -> Ref[BatchScores]:
+    """The batch that scored ``bids_name`` (its names are read without the score arrays)."""
+    from ..records import load_fields
+
+    for ref in scores:
+        if bids_name in load_fields(ref.path, ("names",))["names"]:
+            return ref
+    raise KeyError(f"{bids_name} is in none of the {len(scores)} scoring batch(es)")
 
 
 def _write(ctx: StageContext, prepared: PreparedImage, scores: BatchScores) -> ImageResult:
@@ -78,7 +89,7 @@ def _write(ctx: StageContext, prepared: PreparedImage, scores: BatchScores) -> I
         image=image, status="ok", score_max=summary.score_max, score_top1pct=summary.score_top1pct,
         brain_volume_mm3=summary.brain_volume_mm3, anomaly_volume_mm3=summary.anomaly_volume_mm3,
         n_components=summary.n_components, components=summary.components,
-        outside_fraction=prepared.outside_fraction,
+        outside_fraction=prepared.outside_fraction, batch=scores.batch,
     )
 
 
