@@ -30,7 +30,7 @@ from .atomic import write_json, write_npz
 from .core.maps import Component
 
 __all__ = [
-    "BatchFacts", "BatchScores", "Community", "GroupSummary", "ImageRecord", "ImageResult", "ImageTokens", "Landmarks",
+    "BatchFacts", "BatchScores", "Community", "FigureSet", "GroupSummary", "ImageRecord", "ImageResult", "ImageTokens", "Landmarks",
     "PreparedImage", "RECORD_TYPES", "Record", "SCHEMA", "load", "load_fields", "save",
 ]
 
@@ -195,6 +195,20 @@ class BatchScores(Record):
 
 
 @dataclass(frozen=True)
+class FigureSet:
+    """The report figures of one image, drawn where its maps were made (paths relative to the
+    output folder), and what the anomaly mosaic shows (for its caption)."""
+
+    anomaly: str | None                       #: the anomaly mosaic (SVG)
+    mask: str | None                          #: the brain-mask figure (SVG)
+    peak_mm: tuple[float, ...] | None = None  #: world mm of the peak probseg voxel
+    peak_value: float | None = None           #: peak probseg
+    cuts: dict[str, list[float]] | None = None
+    anomaly_error: str | None = None
+    mask_error: str | None = None
+
+
+@dataclass(frozen=True)
 class ImageResult(Record):
     """The outcome for one requested image: ``ok`` with its summary numbers, ``skipped`` (bad data,
     with ``--skip-bad-images``) or ``failed`` (its outputs could not be written), with ``error``."""
@@ -212,6 +226,7 @@ class ImageResult(Record):
     components: tuple[Component, ...] = ()
     outside_fraction: float | None = None  #: share of the brain mask outside the scoring cube
     batch: int | None = None               #: the scoring chunk the image was in (``--batch-size``)
+    figures: FigureSet | None = None       #: report figures drawn with the maps
     rank: int | None = None                #: 1 = highest score_max of the modality
     score_percentile: float | None = None  #: share of the modality's images scoring lower or equal (%)
 

@@ -24,6 +24,8 @@ import pytest
 from bids_fixtures import make_bids_dataset
 from cg3d_bids.cli.main import main
 
+pytestmark = pytest.mark.slow  # every test here runs cg3d end to end (seconds to a minute each)
+
 SUBJECTS = ["01", "02", "03", "04", "05", "06"]
 FAST = ["--device", "cpu", "--encoder", "test-tiny-vit", "--cube-size", "56", "--nprocs", "1",
         "--skip-bids-validation", "--projection-dim", "16"]

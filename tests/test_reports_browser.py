@@ -17,7 +17,7 @@ import pytest
 
 from browser import check_report, find_chromium
 
-pytestmark = pytest.mark.browser
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
 CHROMIUM = find_chromium()
 

@@ -232,6 +232,49 @@ def _draw_figures(item: dict[str, Any], fig_dir: Path, report_dir: Path, *, fmt:
         item["mask_error"] = f"{type(exc).__name__}: {exc}"
 
 
+def _use_drawn_figures(item: dict[str, Any], out_dir: Path, fmt: str, dpi: int) -> bool:
+    """Take the figures drawn with the maps (``result.figures``) when they are there, in this
+    format and resolution: the report then reads no image again."""
+    drawn = item["result"].figures
+    if drawn is None or fmt != "svg" or dpi != _default_dpi():
+        return False
+    paths = [out_dir / p for p in (drawn.anomaly, drawn.mask) if p]
+    if not all(p.exists() for p in paths):
+        return False
+    item.update(
+        anomaly_figure=relative_href(out_dir / drawn.anomaly, out_dir) if drawn.anomaly else None,
+        mask_figure=relative_href(out_dir / drawn.mask, out_dir) if drawn.mask else None,
+        anomaly_error=drawn.anomaly_error, mask_error=drawn.mask_error, peak=drawn.peak_mm,
+        peak_value=drawn.peak_value, cuts=drawn.cuts, figure_paths=paths,
+    )
+    return True
+
+
+def _default_dpi() -> int:
+    from . import figures
+
+    return int(figures.FIG_DPI)
+
+
+def draw_figures(result: ImageResult, out_dir: str | os.PathLike, volumes: Mapping[str, Any], *,
+                 threshold: float) -> dict[str, Any]:
+    """Draw the two figures of one image from in-memory ``volumes`` (layers ``image``, ``probseg``,
+    ``anomaly_mask``, ``brain_mask``) into ``<out_dir>/sub-<label>/figures/``, as the subject
+    report would; returns paths (relative to ``out_dir``), the mosaic's peak and cuts, errors."""
+    out_dir = Path(out_dir)
+    item: dict[str, Any] = {"result": result}
+    fig_dir = out_dir / f"sub-{check_label(result.subject)}" / "figures"
+    _draw_figures(item, fig_dir, out_dir, fmt="svg", dpi=_default_dpi(), floor=min(0.2, threshold / 2),
+                  threshold=threshold, given=volumes)
+    anomaly, mask = figure_names(result)
+    return {
+        "anomaly": (fig_dir / anomaly).relative_to(out_dir).as_posix() if item["anomaly_figure"] else None,
+        "mask": (fig_dir / mask).relative_to(out_dir).as_posix() if item["mask_figure"] else None,
+        "peak_mm": item["peak"], "peak_value": item["peak_value"], "cuts": item["cuts"],
+        "anomaly_error": item["anomaly_error"], "mask_error": item["mask_error"],
+    }
+
+
 def _group_links(out_dir: Path, modalities: Sequence[str]) -> list[tuple[str, str]]:
     links = []
     for mod in modalities:
@@ -303,8 +346,9 @@ def write_subject_report(
                 _file_row("anomaly mask", result.anomaly_mask_path, out_dir),
                 mask_row,
             ) if row is not None]
-            _draw_figures(item, fig_dir, out_dir, fmt=figure_format, dpi=dpi, floor=floor, threshold=thr,
-                          given=(volumes or {}).get(result.bids_name))
+            if not _use_drawn_figures(item, out_dir, figure_format, dpi):
+                _draw_figures(item, fig_dir, out_dir, fmt=figure_format, dpi=dpi, floor=floor, threshold=thr,
+                              given=(volumes or {}).get(result.bids_name))
         items.append(item)
 
     def _html() -> str:
