@@ -161,3 +161,19 @@ def test_run_stage_times_calls_and_records_failures(scored, monkeypatch):
         run_stage(boom, ctx, prepared=scored["prepared"], modality="T1w")
     failure = ctx.cache.first_failure()
     assert failure.exit_code == 75 and failure.context == "landmarks-T1w"
+
+
+def test_figures_are_drawn_with_the_maps_and_reused_by_the_report(scored, monkeypatch):
+    ctx, prepared = scored["ctx"], scored["prepared"][4]
+    ref = [stages.Ref(ctx.cache.store(scored["scores"]), rec.BatchScores)]
+    result = stages.outputs(ctx, prepared, ref)
+    out = ctx.settings.inputs.output_dir
+    assert result.figures is not None and result.figures.anomaly and result.figures.mask
+    assert (out / result.figures.anomaly).exists() and (out / result.figures.mask).exists()
+    from cg3d_bids.reports import figures, write_subject_report
+    from cg3d_bids.reports.data import report_image
+
+    monkeypatch.setattr(figures, "load_volume", lambda *a, **k: pytest.fail("the report read an image again"))
+    html = write_subject_report(out, result.image.subject, [report_image(result, out, 6)],
+                                ctx.settings.provenance()).read_text()
+    assert result.figures.anomaly.split("/")[-1] in html and "figure failed" not in html.lower()
