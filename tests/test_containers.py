@@ -128,6 +128,7 @@ def _hadolint() -> str:
 
 
 # ------------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_hadolint_passes_on_dockerfile():
     result = subprocess.run([_hadolint(), "--no-color", "--failure-threshold", "style", "Dockerfile"],
                             cwd=ROOT, capture_output=True, text=True, timeout=60)
@@ -270,6 +271,7 @@ def _bosh(*args: str):
     return boutiques.bosh(list(args))
 
 
+@pytest.mark.slow
 def test_bosh_validate_descriptor_and_invocation():
     _bosh("validate", str(DESCRIPTOR))
     _bosh("invocation", str(DESCRIPTOR), "-i", str(INVOCATION))
@@ -512,6 +514,7 @@ def test_bake_weights_table_matches_the_encoder_registry():
 
 
 # ------------------------------------------------------------------------------------------------
+@pytest.mark.slow
 @pytest.mark.parametrize("script", ["container_smoke.sh", "make_debian_base.sh"])
 def test_shell_scripts_parse_and_have_help(script):
     path = ROOT / "scripts" / script

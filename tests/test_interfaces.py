@@ -22,6 +22,8 @@ def test_traits_follow_the_signature():
     assert iface.PrepareImage.__module__ == iface.__name__ and iface.PrepareImage.__qualname__ == "PrepareImage"
 
 
+@pytest.mark.slow
+@pytest.mark.slow
 def test_a_node_runs_a_stage_on_record_files(dataset, tmp_path):  # noqa: F811
     ctx = context(dataset, tmp_path)
     settings_file = tmp_path / "settings.toml"

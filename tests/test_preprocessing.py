@@ -161,6 +161,7 @@ def test_mask_same_grid_used_directly():
     assert np.array_equal(mapped.mask, expected)
 
 
+@pytest.mark.slow
 def test_mask_resampled_across_grids(tmp_path):
     image, truth = _box_image(tmp_path)
     # the same box on a 1 mm grid, stored LPS, with another field of view
@@ -366,6 +367,7 @@ def test_skullstrip_missing_deepbet(monkeypatch):
     _extractor.cache_clear()
 
 
+@pytest.mark.slow
 def test_skullstrip_deepbet_on_4mm_image():
     try:
         import deepbet  # noqa: F401

@@ -214,6 +214,7 @@ def _folder_bytes(html: Path, subject: str) -> int:
 
 
 # ------------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_subject_report_files_written(built):
     assert set(built.subject_reports) == {"01", "02", "03", "04"}
     for subject, html in built.subject_reports.items():
@@ -233,6 +234,7 @@ def test_subject_report_files_written(built):
         assert group.is_file()
 
 
+@pytest.mark.slow
 def test_relative_links_resolve(built):
     pages = list(built.subject_reports.values()) + list(built.group_reports.values())
     checked = 0
@@ -345,6 +347,7 @@ def test_test_encoder_banner(built, tmp_path):
     assert 'id="test-encoder-banner"' not in built.group_reports["T1w"].read_text()
 
 
+@pytest.mark.slow
 def test_html_escapes_user_strings(built, tmp_path):
     evil = "<script>alert('x')</script>"
     prov = replace(built.provenance, command=f"cg3d {evil}", extra={"note": "<b>bold</b>"})
@@ -406,6 +409,7 @@ def test_figure_failure_keeps_report(built, tmp_path):
     assert (tmp_path / "sub-02" / "figures" / "sub-02_label-brain_desc-T1w_mask.svg").is_file()
 
 
+@pytest.mark.slow
 def test_size_budget_redraws_figures(built, tmp_path):
     r = built.results["T2w"][2]                                 # sub-02's T2w, drawn at the default dpi
     figs = built.out / "sub-02" / "figures"
@@ -522,6 +526,7 @@ def test_caption_gives_the_world_cut_coordinates(built):
     assert "neurological view" in html
 
 
+@pytest.mark.slow
 def test_subject_report_from_in_memory_volumes(built, tmp_path):
     """Arrays handed over as nibabel images give the same figures as the files (which may be gone)."""
     r = next(r for r in built.results["T2w"] if r.bids_name == "sub-01_ses-01_T2w")
@@ -544,6 +549,7 @@ def figures_names(r: ImageResult) -> tuple[str, str]:
     return figure_names(r)
 
 
+@pytest.mark.slow
 def test_group_report_warns_when_a_flag_contradicts_the_threshold(built, tmp_path, caplog):
     results = list(built.results["T2w"])
     i = next(k for k, r in enumerate(results) if r.ok and not r.flagged)

@@ -72,6 +72,7 @@ def mosaic(images, out, **kw) -> figures.MosaicInfo:
 
 
 # ------------------------------------------------------------------------------------------------
+@pytest.mark.slow
 @pytest.mark.parametrize("codes", ["LPS", "PIR", "ASL"])
 def test_storage_order_does_not_change_the_figure(tmp_path, codes):
     affine = ras_affine(1.7)                   # display samples fall between voxels at arbitrary fractions
@@ -87,6 +88,7 @@ def test_storage_order_does_not_change_the_figure(tmp_path, codes):
     assert np.linalg.norm(np.array(a.peak_mm) - BLOB) < 1.5 and a.peak_value > 0.9
 
 
+@pytest.mark.slow
 def test_figures_are_deterministic_and_files_equal_in_memory_images(tmp_path):
     images = phantom(ras_affine())
     paths = {}
@@ -109,6 +111,7 @@ def test_figures_are_deterministic_and_files_equal_in_memory_images(tmp_path):
 
 @pytest.mark.parametrize("codes, oblique", [("RAS", False), ("LPS", False), ("SAL", False),
                                             ("RAS", True), ("LPS", True)])
+@pytest.mark.slow
 def test_planes_are_at_their_world_coordinates(codes, oblique):
     """A linear image 1000 + 3x + 5y + 7z: every sampled value equals the formula at the plane's world
     point (cut coordinate and grid coordinates), whatever the storage order or obliquity."""
@@ -135,6 +138,7 @@ def test_planes_are_at_their_world_coordinates(codes, oblique):
     assert data.peak_mm is not None and np.linalg.norm(np.array(data.peak_mm) - BLOB) < 2.5
 
 
+@pytest.mark.slow
 def test_oblique_image_shows_the_same_anatomy():
     """The phantom sampled on an oblique grid is displayed like its RAS version (same world object)."""
     ras = figures.prepare_mosaic(**_kw(phantom(ras_affine())), n_cuts=1)
@@ -185,6 +189,7 @@ def _bands(mask: np.ndarray) -> list[tuple[int, int]]:
     return [(a, b) for a, b in zip(starts.tolist(), ends.tolist()) if b - a >= 20]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("codes", ["RAS", "LPS"])
 def test_neurological_orientation_in_the_pixels(tmp_path, codes):
     """In the PNG, the left-anterior-superior blob is left of the brain's centre in coronal and axial
@@ -211,6 +216,7 @@ def test_neurological_orientation_in_the_pixels(tmp_path, codes):
         assert np.sign(d_row) == sr and abs(d_row) > 3, (name, d_row)
 
 
+@pytest.mark.slow
 def test_reports_do_not_import_nilearn(tmp_path):
     code = (
         "import sys, numpy as np, nibabel as nib\n"
@@ -253,6 +259,7 @@ def _batch(seed: int, n: int = 40):
     return raw, probseg > 0.5, median, scale, z_center
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_threshold_line_separates_flagged_images(seed):
     from cg3d_bids.reports.group import raw_threshold
@@ -285,6 +292,7 @@ def test_raw_threshold_needs_the_statistics():
     assert _positions(svg)[1] is None and "threshold" not in svg
 
 
+@pytest.mark.slow
 def test_png_output_is_a_palette_png(tmp_path):
     from PIL import Image
 

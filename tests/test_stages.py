@@ -22,6 +22,8 @@ from cg3d_bids.interfaces.stage import run_stage
 from cg3d_bids.settings import Settings
 from cg3d_bids.stages import StageContext
 
+pytestmark = pytest.mark.slow  # one tiny dataset through every stage (about 10 s)
+
 SUBJECTS = ["01", "02", "03", "04", "05", "06"]
 
 
@@ -97,6 +99,7 @@ def scored(dataset, tmp_path_factory):
             "scores": stages.score(ctx, refs, order, "T1w")}
 
 
+@pytest.mark.slow
 def test_tokens_and_scores(scored):
     tokens = scored["refs"][0].load()
     assert tokens.tokens.shape == (4, 8, 24) and tokens.valid.any() and tokens.is_test
