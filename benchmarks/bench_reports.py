@@ -115,7 +115,7 @@ def _demo_results(deriv: Path, bids: Path, modality: str):
         prefix = name.rsplit("_", 1)[0]
         ok = row["status"] == "ok"
 
-        def num(key: str) -> float:
+        def num(key: str, row: dict = row) -> float:
             try:
                 return float(row[key])
             except (KeyError, ValueError):

@@ -30,7 +30,8 @@ from .atomic import write_json, write_npz
 from .core.maps import Component
 
 __all__ = [
-    "BatchFacts", "BatchScores", "Community", "FigureSet", "GroupSummary", "ImageRecord", "ImageResult", "ImageTokens", "Landmarks",
+    "BatchFacts", "BatchScores", "Community", "FigureSet", "GroupSummary", "ImageRecord", "ImageResult",
+    "ImageTokens", "Landmarks",
     "PreparedImage", "RECORD_TYPES", "Record", "SCHEMA", "load", "load_fields", "save",
 ]
 

@@ -139,7 +139,7 @@ PROVENANCE = {
 }
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def build_reports() -> Built:
     """Synthetic outputs and all reports, built once per test process (shared with the browser tests)."""
     root = Path(tempfile.mkdtemp(prefix="cg3d-reports-test-"))

@@ -173,7 +173,7 @@ def test_aligned_fast_path_matches_scipy():
     assert vol.aligned
     grid = figures.DisplayGrid(start=(-24.0, -33.0, -29.0), step=0.7, shape=(70, 85, 85))  # beyond the FOV
     cuts = (-21.0, -19.3, 0.0, 3.35, 17.6, 40.0)
-    for mode, _, axis, u_axis, v_axis, _ in figures._ROWS:
+    for _mode, _, axis, u_axis, v_axis, _ in figures._ROWS:
         for mask in (False, True):
             fast = figures._sample_plane_aligned(vol, grid, axis, u_axis, v_axis, cuts, mask)
             points = np.concatenate([figures._plane_points(grid, axis, u_axis, v_axis, c) for c in cuts], axis=1)

@@ -173,7 +173,8 @@ def write_group_table(out_dir: str | Path, modality: str, rows: Sequence[Mapping
 
     ``rows``: one dict per requested image with (a subset of) :data:`COLUMNS`; missing values are
     ``n/a``; ``rank``/``score_percentile`` are computed among ``ok`` rows when not given. Extra keys
-    become extra columns (after the documented ones), documented from ``column_docs``. Rows without ``status`` are ``ok`` unless they carry an ``error``.
+    become extra columns (after the documented ones), documented from ``column_docs``. Rows without
+    ``status`` are ``ok`` unless they carry an ``error``.
     """
     rows = [dict(r) for r in rows]
     for row in rows:

@@ -34,7 +34,7 @@ from nipype.interfaces.base import (
 from .. import records as rec
 from .. import timings
 from .. import stages
-from ..errors import Cg3dError, TempFailError
+from ..errors import TempFailError
 from ..settings import Settings
 from ..stages.context import Ref, StageContext
 

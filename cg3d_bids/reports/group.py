@@ -180,7 +180,8 @@ def write_group_report(
         n_failed=len([r for r in results if not r.ok]),
         n_flagged=len([r for r in results if r.ok and r.flagged]), threshold=threshold, raw_threshold=raw_thr,
         distribution_svg=Markup(svg), communities=com_rows, batch_rows=batch_rows,
-        runtime_rows=runtime_rows, show_batch=len({r.batch for r in results if r.batch is not None}) > 1, timings_start=Markup(TIMINGS_START), timings_end=Markup(TIMINGS_END),
+        runtime_rows=runtime_rows, show_batch=len({r.batch for r in results if r.batch is not None}) > 1,
+        timings_start=Markup(TIMINGS_START), timings_end=Markup(TIMINGS_END),
     )
     report = group_report_path(out_dir, modality)
     write_text(report, html)

@@ -19,7 +19,6 @@ from dataclasses import dataclass
 
 import nibabel as nib
 import numpy as np
-from scipy import ndimage
 
 from ...errors import InputDataError
 from .io import source_name
