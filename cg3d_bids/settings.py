@@ -409,6 +409,17 @@ class ExecutionSettings:
         help="memory limit for nipype: 16G, 16000M or a number of MB (default: unlimited)",
         bosh_id="Mem", bosh_name="Memory limit", bosh_type="String",
     )
+    stage: str = setting(
+        "all", flags=("--stage",), choices=("all", "score", "graph", "rescore", "outputs"), group=PERFORMANCE,
+        help="group level in resumable steps for a cluster (each a separate call on a shared work dir): "
+        "score --shard i/n, graph, rescore --shard i/n, outputs; 'all' runs them in one process (cg3d "
+        "slurm-script writes the job chain)", bosh_id="Stage", bosh_name="Group step",
+    )
+    shard: str | None = setting(
+        flags=("--shard",), metavar="I/N", group=PERFORMANCE,
+        help="with --stage score or rescore: compute the rows of the i-th of n slices of each batch's "
+        "images (1-based); n shards give byte-identical outputs to one", bosh_id="Shard", bosh_name="Shard",
+    )
     use_plugin: Path | None = setting(
         flags=("--use-plugin",), parse=existing_file, metavar="FILE", group=PERFORMANCE,
         help="nipype plugin YAML, e.g. {plugin: SLURM, plugin_args: {...}} (default: MultiProc)",

@@ -168,6 +168,19 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.print_usage(sys.stderr)
         parser.exit(EXIT_UNKNOWN_LEVEL, f"cg3d: error: unknown analysis level {args.analysis_level!r}; "
                     f"choose from {', '.join(LEVELS)}\n")
+    if args.stage != "all" and args.analysis_level != "group":
+        parser.error(f"--stage {args.stage} is a step of the group level (cg3d BIDS OUT group --stage ...)")
+    if args.stage in ("score", "rescore") and not args.shard:
+        parser.error(f"--stage {args.stage} needs --shard i/n (e.g. --shard 1/1 for one process)")
+    if args.shard and args.stage not in ("score", "rescore"):
+        parser.error("--shard goes with --stage score or --stage rescore")
+    if args.shard:
+        from ..stages.shards import parse_shard
+
+        try:
+            parse_shard(args.shard)
+        except UsageError as exc:
+            parser.error(exc.render())
     try:
         args.participant_label = parse_labels(args.participant_label, "sub-")
         args.session_label = parse_labels(args.session_label, "ses-")

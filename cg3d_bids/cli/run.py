@@ -225,6 +225,13 @@ def _run(settings: Settings, cache: WorkCache) -> int:
     plan = ", ".join(f"{mod}: {len(recs)} image(s)" for mod, recs in images.items())
     LOGGER.info("plan: %s level, %s; encoder %s on %s (%s)", inputs.analysis_level, plan,
                 settings.method.encoder, settings.execution.device, settings.run.weights_source)
+    if inputs.analysis_level == "group" and settings.execution.stage in ("score", "graph", "rescore"):
+        _run_scoring_step(settings, cache, images, cohort.images, batches)
+        LOGGER.info("group step %s done (%s); the next step reads the work directory %s", settings.execution.stage,
+                    settings.execution.shard or "all shards", settings.execution.work_dir)
+        return 0
+    if inputs.analysis_level == "group" and settings.execution.stage == "outputs":
+        _run_scoring_step(settings, cache, images, cohort.images, batches)
     stored = {rec.bids_name: cache.store(rec) for recs in cohort.images.values() for rec in recs}
     stored.update({rec.bids_name: cache.store(rec) for recs in images.values() for rec in recs})
     selected_paths = {mod: [(r.bids_name, stored[r.bids_name]) for r in recs] for mod, recs in images.items()}
@@ -250,6 +257,33 @@ def _run(settings: Settings, cache: WorkCache) -> int:
         return EXIT_FAILURE
     LOGGER.info("done: outputs in %s", inputs.output_dir)
     return 0
+
+
+def _run_scoring_step(settings: Settings, cache: WorkCache, images: dict[str, list], cohort: dict[str, list],
+                      batches: dict[str, list[tuple[int, list[str]]]]) -> None:
+    """One step of sharded group scoring (``--stage score|graph|rescore|outputs``), in this process:
+    the images' cached preparation and tokens (computed when missing), then the step for every batch."""
+    from .. import stages
+    from ..interfaces.stage import run_stage
+    from ..stages.shards import shard_count
+
+    ctx = stages.StageContext(settings, cache)
+    step, shard = settings.execution.stage, settings.execution.shard
+    for modality, recs in images.items():
+        prepared = {rec.bids_name: run_stage(stages.prepare, ctx, image=rec)
+                    for rec in (cohort.get(modality) or recs)}
+        landmarks = run_stage(stages.landmarks, ctx, prepared=list(prepared.values()), modality=modality)
+        tokens = run_stage(stages.tokenize, ctx, prepared=[prepared[r.bids_name] for r in recs], landmarks=landmarks)
+        for batch, order in batches[modality]:
+            common = dict(tokens=tokens, order=order, modality=modality, batch=batch)
+            if step == "score":
+                run_stage(stages.score_shard, ctx, **common, shard=shard)
+            elif step == "rescore":
+                run_stage(stages.rescore_shard, ctx, **common, shard=shard)
+            elif step == "graph":
+                run_stage(stages.graph, ctx, **common, shards=shard_count(ctx, "rows", **common))
+            else:
+                run_stage(stages.assemble, ctx, **common, shards=shard_count(ctx, "final", **common))
 
 
 def _plan_batches(settings: Settings, images: dict[str, list]) -> dict[str, list[tuple[int, list[str]]]]:

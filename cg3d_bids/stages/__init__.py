@@ -17,6 +17,10 @@ outputs           native-grid probseg, masks and sidecars of one image         I
 group             group table and group report of one modality                 GroupSummary
 subject_reports   one HTML report per subject                                  list[Path]
 ================  ===========================================================  ==================
+
+Sharded scoring (``group --stage score|graph|rescore --shard i/n``) splits ``score`` into
+:func:`~.shards.score_shard`, :func:`~.shards.graph`, :func:`~.shards.rescore_shard` and
+:func:`~.shards.assemble` (:mod:`.shards`).
 """
 
 from .context import Ref, StageContext, stage
@@ -26,9 +30,10 @@ from .outputs import outputs
 from .prepare import prepare
 from .reports import subject_reports
 from .score import score
+from .shards import assemble, graph, rescore_shard, score_shard
 from .tokenize import tokenize
 
 __all__ = [
-    "Ref", "StageContext", "group", "landmarks", "outputs", "prepare", "score", "stage",
-    "subject_reports", "tokenize",
+    "Ref", "StageContext", "assemble", "graph", "group", "landmarks", "outputs", "prepare", "rescore_shard",
+    "score", "score_shard", "stage", "subject_reports", "tokenize",
 ]

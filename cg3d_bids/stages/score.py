@@ -15,7 +15,7 @@ from .context import Ref, StageContext, limit_threads, stage
 
 LOGGER = logging.getLogger("cg3d")
 
-__all__ = ["batch_scores", "score"]
+__all__ = ["batch_key", "batch_scores", "score", "select_members"]
 
 
 @stage("score")
@@ -23,14 +23,27 @@ def score(ctx: StageContext, tokens: list[Ref[ImageTokens]], order: list[str], m
           batch: int = 1) -> BatchScores:
     """Scores of the images of ``order`` (bids names, batch order: chunk ``batch`` of the modality);
     images without tokens (skipped as bad data) are left out of the batch."""
+    members = select_members(tokens, order, modality, batch)
+    key = batch_key(ctx, members, batch)
+    return ctx.cache.cached(ctx.cache.scores_path(modality, key), BatchScores,
+                            lambda: _score(ctx, members, modality, key, batch))
+
+
+def select_members(tokens: list[Ref[ImageTokens]], order: list[str], modality: str,
+                   batch: int) -> list[Ref[ImageTokens]]:
+    """The token files of the batch's images in batch ``order`` (images without tokens, skipped
+    as bad data, are left out)."""
     refs = {_name_of(ref): ref for ref in tokens}
     members = [refs[name] for name in order if name in refs]
     if not members:
         raise BatchTooSmallError(f"no {modality} image of batch {batch} has tokens to score",
                                  fix="see the warnings above: every image was skipped")
-    key = ctx.settings.key(Affects.SCORES, [ref.path.name for ref in members], batch)
-    return ctx.cache.cached(ctx.cache.scores_path(modality, key), BatchScores,
-                            lambda: _score(ctx, members, modality, key, batch))
+    return members
+
+
+def batch_key(ctx: StageContext, members: list[Ref[ImageTokens]], batch: int) -> str:
+    """Cache key of a batch's scores: its token files (their content keys) and the score settings."""
+    return ctx.settings.key(Affects.SCORES, [ref.path.name for ref in members], batch)
 
 
 def _name_of(ref: Ref[ImageTokens]) -> str:
