@@ -17,6 +17,10 @@ outputs           native-grid probseg, masks and sidecars of one image         I
 group             group table and group report of one modality                 GroupSummary
 subject_reports   one HTML report per subject                                  list[Path]
 ================  ===========================================================  ==================
+
+Saved reference cohorts (``group --save-reference``, ``participant --reference``) add the stages
+of :mod:`.reference`: ``save_reference``, ``reference_landmarks``, ``reference_tokenize``,
+``reference_score`` and ``reference_group``.
 """
 
 from .context import Ref, StageContext, stage
@@ -24,6 +28,7 @@ from .group import group
 from .landmarks import landmarks
 from .outputs import outputs
 from .prepare import prepare
+from .reference import reference_group, reference_landmarks, reference_score, reference_tokenize, save_reference
 from .reports import subject_reports
 from .score import score
 from .tokenize import tokenize
@@ -31,4 +36,5 @@ from .tokenize import tokenize
 __all__ = [
     "Ref", "StageContext", "group", "landmarks", "outputs", "prepare", "score", "stage",
     "subject_reports", "tokenize",
+    "reference_group", "reference_landmarks", "reference_score", "reference_tokenize", "save_reference",
 ]
