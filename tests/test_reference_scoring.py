@@ -101,5 +101,9 @@ def test_bad_inputs_are_named():
     bad[valid[3].argmax()] = np.nan
     with pytest.raises(ValueError, match="non-finite"):
         reference_scores([ReferenceQuery(bad, valid[3])], refs, 0.5)
+    damaged = [refs[0], refs[1].copy(), refs[2]]
+    damaged[1][3, 2] = np.inf
+    with pytest.raises(ValueError, match="reference image has non-finite"):
+        reference_scores([ReferenceQuery(tokens[3], valid[3])], damaged, 0.5)
     with pytest.raises(ValueError, match="no reference"):
         reference_scores([ReferenceQuery(tokens[3], valid[3])], [], 0.5)

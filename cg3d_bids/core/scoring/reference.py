@@ -67,19 +67,29 @@ def _centred(x: torch.Tensor, mean: torch.Tensor, dim: int) -> tuple[torch.Tenso
     return cols, rows
 
 
-def _min_over_rows(rows: torch.Tensor, cols: torch.Tensor, n_rows: int, out: torch.Tensor) -> None:
+def _blocks(rows: torch.Tensor, cols: torch.Tensor, n_rows: int, buffer: torch.Tensor):
+    """``(r0, r1, rows[r0:r1] @ cols)``, each block written into the one preallocated ``buffer``."""
+    for r0 in range(0, rows.shape[0], n_rows):
+        r1 = min(rows.shape[0], r0 + n_rows)
+        block = buffer[: (r1 - r0) * cols.shape[1]].view(r1 - r0, cols.shape[1])
+        torch.mm(rows[r0:r1], cols, out=block)
+        yield r0, r1, block
+
+
+def _min_over_rows(rows: torch.Tensor, cols: torch.Tensor, n_rows: int, out: torch.Tensor,
+                   buffer: torch.Tensor) -> None:
     """``out`` = column minima of ``rows @ cols``, ``n_rows`` rows per block (the full run's
     ``a -> query`` direction for references before the query)."""
     out.fill_(math.inf)
-    for r0 in range(0, rows.shape[0], n_rows):
-        block = torch.mm(rows[r0:r0 + n_rows], cols)
+    for _r0, _r1, block in _blocks(rows, cols, n_rows, buffer):
         torch.minimum(out, block.amin(dim=0), out=out)
 
 
-def _min_over_cols(rows: torch.Tensor, cols: torch.Tensor, n_rows: int, out: torch.Tensor) -> None:
+def _min_over_cols(rows: torch.Tensor, cols: torch.Tensor, n_rows: int, out: torch.Tensor,
+                   buffer: torch.Tensor) -> None:
     """``out`` = row minima of ``rows @ cols`` (references after the query in the full run)."""
-    for r0 in range(0, rows.shape[0], n_rows):
-        torch.amin(torch.mm(rows[r0:r0 + n_rows], cols), dim=1, out=out[r0:r0 + n_rows])
+    for r0, r1, block in _blocks(rows, cols, n_rows, buffer):
+        torch.amin(block, dim=1, out=out[r0:r1])
 
 
 def _as_float32(x: np.ndarray | torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -127,17 +137,20 @@ def reference_scores(
             x = _as_float32(ref, dev)
             if x.ndim != 2 or x.shape[0] == 0:
                 raise ValueError(f"a reference image has tokens of shape {tuple(x.shape)}; expected (n > 0, C)")
-            if not bool(torch.isfinite(x).all()):
-                raise ValueError("a reference image has non-finite tokens (NaN or Inf)")
             dim = int(x.shape[1]) if dim is None else dim
             if x.shape[1] != dim:
                 raise ValueError(f"reference tokens have {x.shape[1]} dims, expected {dim}")
-            sums.append(x.sum(dim=0).to(torch.float64))
+            total = x.sum(dim=0)
+            if not bool(torch.isfinite(total).all()):  # NaN/Inf anywhere reach the column sums
+                raise ValueError("a reference image has non-finite tokens (NaN or Inf)")
+            sums.append(total.to(torch.float64))
             counts.append(int(x.shape[0]))
         assert dim is not None
         prepared = [_prepare_query(q, i, sums, counts, dim, dev, chunk_size, block_mb) for i, q in enumerate(queries)]
         # pass 2: one reference image at a time against every query
         tables = [torch.full((p.n, n_refs), math.inf, dtype=torch.float32, device=dev) for p in prepared]
+        max_n = max([*counts, *(p.n for p in prepared)])
+        buffer = torch.empty(max(p.n_rows for p in prepared) * max_n, dtype=torch.float32, device=dev)
         for j, ref in enumerate(references):
             x = _as_float32(ref, dev)
             for p, table in zip(prepared, tables):
@@ -145,9 +158,9 @@ def reference_scores(
                     continue
                 cols, rows = _centred(x, p.mean, dim)
                 if p.self_index is None or j < p.self_index:
-                    _min_over_rows(rows, p.cols, p.n_rows, table[:, j])
+                    _min_over_rows(rows, p.cols, p.n_rows, table[:, j], buffer)
                 else:
-                    _min_over_cols(p.rows, cols, p.n_rows, table[:, j])
+                    _min_over_cols(p.rows, cols, p.n_rows, table[:, j], buffer)
         out = []
         for p, table, k in zip(prepared, tables, ks):
             values, _ = torch.sort(table, dim=1, stable=True)
