@@ -47,13 +47,16 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from .atomic import write_json
 from .errors import BatchTooSmallError, CantCreateError, InputDataError, NoInputError, UsageError
 from .hashing import file_sha256
+
+if TYPE_CHECKING:
+    from .records import Landmarks
 
 LOGGER = logging.getLogger("cg3d")
 
@@ -162,7 +165,7 @@ class BankModality:
                 return i
         return None
 
-    def landmarks_record(self):
+    def landmarks_record(self) -> Landmarks:
         """The :class:`~cg3d_bids.records.Landmarks` the bank's cubes were standardised with."""
         from .records import Landmarks
 

@@ -238,11 +238,11 @@ def reference_group(ctx: StageContext, results: list[ImageResult], scores: Ref[B
                                              "k": reference_k(entry.size, settings.method.fraction, self_in_bank),
                                              "reference_checksum": bank.checksum}
             LOGGER.info("[reference %s] %s: score_max %.4g, rank %d of %d against the bank (percentile %.0f %%)",
-                        modality, result.image.bids_name, result.score_max, rank, entry.size + 1, percentile)
+                        modality, result.image.bids_name, result.score_max, rank, n_refs + 1, percentile)
             _annotate_sidecar(settings.inputs.output_dir, result, {
                 "Path": str(bank.path), "Checksum": bank.checksum, "Images": entry.size, "K": extra[
                     result.image.bids_name]["k"], "ComparedWith": n_refs, "Rank": rank, "Percentile": percentile,
-                "RankOf": entry.size + 1, "BankScoreMaxMedian": entry.stats.get("score_max_median"),
+                "RankOf": n_refs + 1, "BankScoreMaxMedian": entry.stats.get("score_max_median"),
                 "Description": "rank of this image's score_max among the bank's images' own score_max (1 = "
                 "highest) and the share of them scoring lower or equal (%); BatchMedian and BatchScale are the "
                 "bank's brain-token statistics",
