@@ -55,7 +55,7 @@ def bench(size: int, args: argparse.Namespace, root: Path) -> dict[str, float]:
         valid_rows.append(valid)
         sha[name] = hashlib.sha256(name.encode()).hexdigest()
     valid = np.stack(valid_rows)
-    batch = rec.BatchScores(modality="T1w", key="s", names=tuple(names), grid=args.grid,
+    batch = rec.BatchScores(modality="T1w", key="s", names=tuple(names), grid=args.grid, k=1,
                             scores=np.zeros(valid.shape, np.float32), per_layer=np.zeros((1, *valid.shape), np.float32),
                             valid=valid, suspicious=np.zeros(valid.shape, np.int32), median=0.5, scale=0.1)
     landmarks = rec.Landmarks(modality="T1w", key="l", percentiles=(1.0, 99.0), landmarks=(0.0, 100.0),

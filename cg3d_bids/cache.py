@@ -3,6 +3,8 @@
 Layout of the work directory (``-w``)::
 
     prep/<mod>/<image>_<key>.npz         PreparedImage   key: image + mask content, cube settings
+    cubes/<mod>/<image>_<key>.npy        the cube's brain intensities (prepare -> tokenize; removed
+                                         once the image's tokens exist, rebuilt if ever needed again)
     landmarks/<mod>/landmarks_<key>.json Landmarks       key: the prepared images' keys
     tokens/<mod>/<image>_<key>.npz       ImageTokens     key: prep key, landmarks key, token settings
     scores/<mod>/scores_<key>.npz        BatchScores     key: token files, score settings
@@ -93,6 +95,9 @@ class WorkCache:
 
     def prep_path(self, image: rec.ImageRecord, key: str) -> Path:
         return self.root / "prep" / image.modality / f"{image.bids_name}_{key}.npz"
+
+    def cube_path(self, image: rec.ImageRecord, key: str) -> Path:
+        return self.root / "cubes" / image.modality / f"{image.bids_name}_{key}.npy"
 
     def landmarks_path(self, modality: str, key: str) -> Path:
         return self.root / "landmarks" / modality / f"landmarks_{key}.json"

@@ -30,7 +30,8 @@ from .atomic import write_json, write_npz
 from .core.maps import Component
 
 __all__ = [
-    "BatchScores", "Community", "GroupSummary", "ImageRecord", "ImageResult", "ImageTokens", "Landmarks",
+    "BatchFacts", "BatchScores", "Community", "FigureSet", "GroupSummary", "ImageRecord", "ImageResult",
+    "ImageTokens", "Landmarks",
     "PreparedImage", "RECORD_TYPES", "Record", "SCHEMA", "load", "load_fields", "save",
 ]
 
@@ -175,6 +176,7 @@ class BatchScores(Record):
     key: str
     names: tuple[str, ...]
     grid: int                    #: G: the token grid is (G, G, G), N = G**3
+    k: int                       #: MuSc's K = floor(fraction * (B - 1)) of this batch
     scores: np.ndarray
     per_layer: np.ndarray
     valid: np.ndarray
@@ -183,6 +185,7 @@ class BatchScores(Record):
     scale: float
     communities: tuple[Community, ...] = ()
     timings: dict[str, float] = field(default_factory=dict)
+    batch: int = 1               #: chunk number (``--batch-size``), 1 without chunks
 
     def index(self, bids_name: str) -> int:
         """Row of ``bids_name`` (KeyError naming the batch when it is not in it)."""
@@ -190,6 +193,20 @@ class BatchScores(Record):
             return self.names.index(bids_name)
         except ValueError:
             raise KeyError(f"{bids_name} is not in the {self.modality} scoring batch") from None
+
+
+@dataclass(frozen=True)
+class FigureSet:
+    """The report figures of one image, drawn where its maps were made (paths relative to the
+    output folder), and what the anomaly mosaic shows (for its caption)."""
+
+    anomaly: str | None                       #: the anomaly mosaic (SVG)
+    mask: str | None                          #: the brain-mask figure (SVG)
+    peak_mm: tuple[float, ...] | None = None  #: world mm of the peak probseg voxel
+    peak_value: float | None = None           #: peak probseg
+    cuts: dict[str, list[float]] | None = None
+    anomaly_error: str | None = None
+    mask_error: str | None = None
 
 
 @dataclass(frozen=True)
@@ -209,8 +226,10 @@ class ImageResult(Record):
     n_components: int | None = None
     components: tuple[Component, ...] = ()
     outside_fraction: float | None = None  #: share of the brain mask outside the scoring cube
-    rank: int | None = None                #: 1 = highest score_max of the batch
-    score_percentile: float | None = None  #: share of the batch scoring lower or equal (%)
+    batch: int | None = None               #: the scoring chunk the image was in (``--batch-size``)
+    figures: FigureSet | None = None       #: report figures drawn with the maps
+    rank: int | None = None                #: 1 = highest score_max of the modality
+    score_percentile: float | None = None  #: share of the modality's images scoring lower or equal (%)
 
     @property
     def ok(self) -> bool:
@@ -222,19 +241,40 @@ class ImageResult(Record):
 
 
 @dataclass(frozen=True)
-class GroupSummary(Record):
-    """What the group stage wrote for one modality: results with ranks, batch facts, communities."""
+class BatchFacts:
+    """One scoring batch of a modality: its images, K, robust statistics and linked groups."""
 
-    kind: ClassVar[str] = "group"
-
-    modality: str
-    results: tuple[ImageResult, ...]
-    n_scored: int
+    batch: int
+    names: tuple[str, ...]
     k: int
     median: float
     scale: float
     communities: tuple[Community, ...] = ()
     timings: dict[str, float] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, scores: BatchScores) -> BatchFacts:
+        return cls(batch=scores.batch, names=scores.names, k=scores.k, median=scores.median, scale=scores.scale,
+                   communities=scores.communities, timings=dict(scores.timings))
+
+
+@dataclass(frozen=True)
+class GroupSummary(Record):
+    """What the group stage wrote for one modality: results with ranks, and its scoring batches."""
+
+    kind: ClassVar[str] = "group"
+
+    modality: str
+    results: tuple[ImageResult, ...]
+    batches: tuple[BatchFacts, ...]
+
+    @property
+    def n_scored(self) -> int:
+        return sum(len(b.names) for b in self.batches)
+
+    def batch_size(self, batch: int | None) -> int:
+        """Images scored together with an image of chunk ``batch`` (all scored images when unknown)."""
+        return next((len(b.names) for b in self.batches if b.batch == batch), self.n_scored)
 
 
 RECORD_TYPES: dict[str, type[Record]] = {

@@ -363,6 +363,13 @@ class MethodSettings:
         bosh_id="Threshold", bosh_name="Mask threshold", minimum=0, maximum=1, exclusive_minimum=True,
         exclusive_maximum=True,
     )
+    batch_size: int | None = setting(
+        flags=("--batch-size",), parse=positive_int, group=METHOD, affects=Affects.SCORES, metavar="B",
+        help="score each modality in random non-overlapping chunks of at most B images (seeded by "
+        "--random-seed; an image keeps its chunk when images are added) [paper Table 5: B >= 30 keeps "
+        "accuracy] (default: one batch of every image, while it fits the memory budget)",
+        bosh_id="BatchSize", bosh_name="Scoring batch size", integer=True, minimum=1,
+    )
     #: probseg = logistic(z - z_center), z = robust z-score of the raw map against the batch's
     #: brain-token scores (median, 1.4826 MAD): 0.5 at three robust SDs above the batch [method.md §5]
     z_center: float = 3.0
@@ -436,6 +443,12 @@ class ExecutionSettings:
         "unmappable mask) out of the batch instead of stopping with exit 65: they are listed as "
         "'skipped' with the reason in group_<mod>.tsv and the reports, the others are scored, and "
         "the exit code is 1", bosh_id="SkipBadImages", bosh_name="Skip bad images",
+    )
+    reassign_batches: bool = setting(
+        False, flags=("--reassign-batches",), kind="flag", group=WORKFLOW,
+        help="deal the images into --batch-size chunks anew instead of keeping every image in the chunk "
+        "an earlier run put it in (kept in the work directory)",
+        bosh_id="ReassignBatches", bosh_name="Reassign scoring batches",
     )
     notrack: bool = setting(
         False, flags=("--notrack",), kind="flag", group=WORKFLOW,

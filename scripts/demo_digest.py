@@ -12,7 +12,8 @@ What is digested, and how:
 - JSON (sidecars, ``group_<mod>.json``, ``dataset_description.json``): the parsed content, with
   run-specific values dropped (run id, command line, where the weights were found, the config
   hash, wall-clock timings) and the demo's own folder replaced by ``<ROOT>``;
-- ``group_<mod>.tsv`` (not the run's ``logs/timings-*.tsv``), ``README.md``, ``.bidsignore`` and ``logs/CITATION.md``: the text.
+- ``group_<mod>.tsv`` (not the run's ``logs/timings-*.tsv``), ``README.md``, ``.bidsignore`` and
+  ``logs/CITATION.md``: the text.
 
 HTML reports (time stamps), figures (rendering may change) and run logs are not digested.
 """

@@ -58,6 +58,7 @@ def tiny_cohort(tmp_path_factory) -> tuple[be.CohortSpec, Path]:
     return spec, dest
 
 
+@pytest.mark.slow
 def test_cohort_is_byte_identical_for_the_same_seed_and_differs_for_another(tiny_cohort, tmp_path):
     spec, dest = tiny_cohort
     again = be.build_cohort(spec, tmp_path / "again", procs=1).parent
@@ -105,6 +106,7 @@ def test_masks_are_on_the_image_grid_and_variants_differ(tiny_cohort):
     assert len(digests) == len(images) == 9  # subjects 1 and 8 share a source, yet differ
 
 
+@pytest.mark.slow
 def test_cohort_is_valid_bids(tiny_cohort):
     from cg3d_bids.bids.validation import find_validator, issues_by_severity, run_validator
 
@@ -117,6 +119,7 @@ def test_cohort_is_valid_bids(tiny_cohort):
         assert errors == [], (root, errors)
 
 
+@pytest.mark.slow
 def test_cg3d_finds_every_image_and_its_mask(tiny_cohort, tmp_path):
     from cg3d_bids.bids.discovery import discover_images
 
@@ -356,6 +359,7 @@ print("done")
 """
 
 
+@pytest.mark.slow
 def test_run_measured_counts_the_cpu_of_grandchildren(tmp_path):
     measured = be.run_measured([sys.executable, "-c", BUSY_GRANDCHILD], tmp_path / "log.txt", echo="none")
     assert measured.returncode == 0 and not measured.timed_out
@@ -363,6 +367,7 @@ def test_run_measured_counts_the_cpu_of_grandchildren(tmp_path):
     assert "done" in (tmp_path / "log.txt").read_text()
 
 
+@pytest.mark.slow
 def test_run_measured_stops_the_whole_process_group_at_the_timeout(tmp_path):
     pid_file = tmp_path / "pid"
     code = ("import subprocess, sys, time\n"
@@ -390,6 +395,7 @@ def test_echo_filter_hides_nipype_lines_only():
     assert be.echoed("\t [Node] Setting-up\n", "all") and not be.echoed("anything\n", "none")
 
 
+@pytest.mark.slow
 def test_random_weights_of_the_real_architecture_are_accepted_by_cg3d(tmp_path):
     from cg3d_bids.core.models import create_encoder
     from cg3d_bids.core.models.weights import resolve_spec_weights

@@ -38,6 +38,7 @@ def find(plain_or_ses, **kwargs):
     return discover_images(paths["bids_dir"], **kwargs)
 
 
+@pytest.mark.slow
 def test_dataset_without_sessions(plain):
     result = find(plain)
     assert list(result) == ["T1w", "T2w"] and result.warnings == []
@@ -59,6 +60,7 @@ def test_dataset_without_sessions(plain):
     assert "T1w" in summary and "T2w" in summary and "derivatives:masks (3)" in summary
 
 
+@pytest.mark.slow
 def test_sessions_entities_and_session_specific_masks(sessions):
     result = find(sessions)
     t2w = result["T2w"]
@@ -72,6 +74,7 @@ def test_sessions_entities_and_session_specific_masks(sessions):
     assert "sessions" in result.summary() and "2" in result.summary()
 
 
+@pytest.mark.slow
 def test_subject_level_mask_is_the_fallback(tmp_path):
     paths = make_bids_dataset(tmp_path / "bids", subjects=["01"], sessions=["a", "b"], shape=SMALL,
                               modalities=("T2w",), mask_level="both")
@@ -83,6 +86,7 @@ def test_subject_level_mask_is_the_fallback(tmp_path):
     assert by_session["b"].mask_relpath == "sub-01/anat/sub-01_desc-brain_mask.nii.gz"
 
 
+@pytest.mark.slow
 def test_mask_with_matching_entities_preferred_and_contradicting_ignored(tmp_path):
     paths = make_bids_dataset(tmp_path / "bids", subjects=["01"], modalities=("T1w",), shape=SMALL, runs=2)
     anat = paths["masks_dir"] / "sub-01" / "anat"
@@ -94,6 +98,7 @@ def test_mask_with_matching_entities_preferred_and_contradicting_ignored(tmp_pat
     assert masks == {"1": "sub-01_desc-brain_mask.nii.gz", "2": "sub-01_run-2_desc-brain_mask.nii.gz"}
 
 
+@pytest.mark.slow
 def test_labels_with_and_without_prefix_and_from_a_file(plain, tmp_path):
     assert parse_labels(["sub-01", "02", "sub-01"]) == ["01", "02"]
     assert parse_labels(["sub-s060"]) == ["s060"]  # removeprefix, not lstrip (mriqc#889)
@@ -125,6 +130,7 @@ def test_missing_participant_is_no_match(plain):
     assert "mounted properly" in message
 
 
+@pytest.mark.slow
 def test_session_labels(sessions):
     result = find(sessions, session_labels=["ses-b"])
     assert {r.session for r in result.records} == {"b"}
@@ -133,11 +139,13 @@ def test_session_labels(sessions):
     assert exc.value.exit_code == 18 and "zz" in str(exc.value)
 
 
+@pytest.mark.slow
 def test_session_label_keeps_images_without_sessions(plain):
     """BEP027: files without ses are kept when a session label is given."""
     assert len(find(plain, session_labels=["a"]).records) == 6
 
 
+@pytest.mark.slow
 def test_filters_matching_nothing_are_no_match(plain):
     with pytest.raises(NoMatchError) as exc:
         find(plain, bids_filters={"t1w": {"acquisition": "nope"}})
@@ -149,6 +157,7 @@ def test_filters_matching_nothing_are_no_match(plain):
         find(plain, bids_filters={"t1w": ["not", "a", "dict"]})
 
 
+@pytest.mark.slow
 def test_bids_filters_null_and_any(tmp_path):
     paths = make_bids_dataset(tmp_path / "bids", subjects=["01", "02"], modalities=("T1w",), shape=SMALL)
     add_image(paths["bids_dir"], "01", "T1w", acq="mprage", shape=SMALL)
@@ -161,11 +170,13 @@ def test_bids_filters_null_and_any(tmp_path):
     assert len(result["T1w"]) == 1 and any("'bold'" in w for w in result.warnings)
 
 
+@pytest.mark.slow
 def test_mask_filters(sessions):
     result = find(sessions, bids_filters={"mask": {"session": None}})
     assert all(r.mask_path == sessions["subject_masks"][f"sub-{r.subject}"] for r in result.records)
 
 
+@pytest.mark.slow
 def test_modality_without_images_warns_or_fails(plain):
     result = find(plain, modalities=("T1w", "FLAIR"))
     assert list(result) == ["T1w"]
@@ -177,6 +188,7 @@ def test_modality_without_images_warns_or_fails(plain):
         find(plain, modalities=("bold",))
 
 
+@pytest.mark.slow
 def test_image_without_mask_names_the_file_and_the_fixes(tmp_path):
     paths = make_bids_dataset(tmp_path / "bids", subjects=["01", "02", "03"], modalities=("T1w",), shape=SMALL)
     paths["masks"]["sub-02"].unlink()
@@ -189,6 +201,7 @@ def test_image_without_mask_names_the_file_and_the_fixes(tmp_path):
     assert "sub-02/anat/sub-02_desc-brain_mask.nii.gz" in message
 
 
+@pytest.mark.slow
 def test_computed_masks_need_no_derivatives(plain):
     with pytest.raises(NoInputError, match="no derivatives dataset"):
         discover_images(plain["bids_dir"])
@@ -222,6 +235,7 @@ def test_bad_input_and_derivatives_folders(plain, tmp_path):
     assert exc.value.exit_code == 65 and "dataset_description.json" in str(exc.value)
 
 
+@pytest.mark.slow
 def test_index_database_is_reused_and_refreshed(tmp_path, monkeypatch):
     from bids.layout import BIDSLayoutIndexer
 
@@ -249,6 +263,7 @@ def test_index_database_is_reused_and_refreshed(tmp_path, monkeypatch):
     assert not list(db.glob(".tmp-*")), "temporary index folders are cleaned up"
 
 
+@pytest.mark.slow
 def test_pre_indexed_database_is_trusted(tmp_path):
     """A user index (``pybids layout BIDS DB``): layout_index.sqlite directly in the folder."""
     from bids.layout import BIDSLayout
@@ -260,6 +275,7 @@ def test_pre_indexed_database_is_trusted(tmp_path):
     assert not list((tmp_path / "db").glob("raw-*"))
 
 
+@pytest.mark.slow
 def test_ignored_folders_are_not_indexed(plain, tmp_path):
     """func/, sourcedata/, hidden files and anat files with other suffixes never become records."""
     paths = make_bids_dataset(tmp_path / "bids", subjects=["01"], modalities=("T1w",), shape=SMALL)
@@ -272,6 +288,7 @@ def test_ignored_folders_are_not_indexed(plain, tmp_path):
     assert [r.relpath for r in result.records] == ["sub-01/anat/sub-01_T1w.nii.gz"]
 
 
+@pytest.mark.slow
 def test_records_round_trip_through_the_record_codec(plain, tmp_path):
     from cg3d_bids import records
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import dataclasses
 import json
 import threading
 from pathlib import Path
@@ -245,6 +244,7 @@ def _require_validator() -> None:
         pytest.fail("bids-validator-deno is not installed: pip install 'cg3d-bids[test]' (or bids-validator-deno)")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", ["sessions", "plain"])
 def test_complete_output_tree_passes_the_validator(tmp_path, layout):
     _require_validator()
@@ -271,6 +271,7 @@ def test_complete_output_tree_passes_the_validator(tmp_path, layout):
     assert n_errors > 0 and any("statmap" in m for m in messages)
 
 
+@pytest.mark.slow
 def test_input_validation(tmp_path, monkeypatch):
     _require_validator()
     paths = make_bids_dataset(tmp_path / "bids", subjects=["01", "02"], modalities=("T1w",), shape=SMALL)

@@ -135,6 +135,7 @@ def test_bids_exec_spec_needs_no_positionals(capsys):
     assert json.loads(capsys.readouterr().out)["name"] == "cg3d"
 
 
+@pytest.mark.slow
 def test_module_entry_point_runs():
     result = subprocess.run([sys.executable, "-m", "cg3d_bids", "--version"], capture_output=True, text=True)
     assert result.returncode == 0
@@ -200,6 +201,7 @@ def test_a_broken_config_file_is_a_usage_error(tmp_path, capsys):
     ("- a list", "mapping"),
     ("plugin: Nonsense", "unknown nipype plugin"),
 ])
+@pytest.mark.slow
 def test_bad_plugin_file_is_a_usage_error_before_any_work(tmp_path, capsys, text, needle):
     plugin = tmp_path / "plugin.yml"
     plugin.write_text(text)

@@ -128,6 +128,7 @@ def _hadolint() -> str:
 
 
 # ------------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_hadolint_passes_on_dockerfile():
     result = subprocess.run([_hadolint(), "--no-color", "--failure-threshold", "style", "Dockerfile"],
                             cwd=ROOT, capture_output=True, text=True, timeout=60)
@@ -189,7 +190,8 @@ def test_dockerfile_env_is_offline_and_read_only_safe(runtime_stage):
     assert env["CG3D_CONTAINER_TYPE"] == "docker" and env["CG3D_IMAGE_TAG"] == "${IMAGE_TAG}"
     for cache in ("XDG_CACHE_HOME", "MPLCONFIGDIR", "TORCH_HOME", "HF_HOME", "NUMBA_CACHE_DIR",
                   "NIPYPE_CONFIG_DIR", "TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR", "DENO_DIR"):
-        assert env.get(cache, "").startswith("/tmp/"), f"{cache} must be under /tmp (read-only rootfs), got {env.get(cache)}"
+        assert env.get(cache, "").startswith("/tmp/"), \
+            f"{cache} must be under /tmp (read-only rootfs), got {env.get(cache)}"
     assert env["PATH"].startswith("/opt/venv/bin:")
 
 
@@ -270,6 +272,7 @@ def _bosh(*args: str):
     return boutiques.bosh(list(args))
 
 
+@pytest.mark.slow
 def test_bosh_validate_descriptor_and_invocation():
     _bosh("validate", str(DESCRIPTOR))
     _bosh("invocation", str(DESCRIPTOR), "-i", str(INVOCATION))
@@ -282,7 +285,7 @@ def test_bosh_validate_rejects_a_broken_descriptor(tmp_path, descriptor):
     del broken["tool-version"]
     path = tmp_path / "descriptor.json"
     path.write_text(json.dumps(broken))
-    with pytest.raises(Exception):  # boutiques raises its own ValidationError
+    with pytest.raises(Exception):  # noqa: B017 - boutiques raises its own ValidationError (not importable)
         _bosh("validate", str(path))
 
 
@@ -512,6 +515,7 @@ def test_bake_weights_table_matches_the_encoder_registry():
 
 
 # ------------------------------------------------------------------------------------------------
+@pytest.mark.slow
 @pytest.mark.parametrize("script", ["container_smoke.sh", "make_debian_base.sh"])
 def test_shell_scripts_parse_and_have_help(script):
     path = ROOT / "scripts" / script

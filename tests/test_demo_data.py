@@ -98,12 +98,14 @@ def _validator_errors(root: Path) -> list[dict]:
 
 @pytest.mark.skipif(shutil.which("bids-validator-deno") is None,
                     reason="bids-validator-deno not installed (pip install bids-validator-deno)")
+@pytest.mark.slow
 def test_bids_validator(tmp_path):
     dest = copy_demo_dataset(tmp_path / "bids")
     for root in (dest, dest / "derivatives" / "masks", dest / "derivatives" / "lesions"):
         assert _validator_errors(root) == [], root
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not TINY.is_dir(), reason=f"source fixtures {TINY} not available")
 def test_generator_reproduces_shipped_dataset(tmp_path, monkeypatch):
     spec = importlib.util.spec_from_file_location("make_demo_dataset", REPO / "scripts" / "make_demo_dataset.py")

@@ -24,6 +24,8 @@ import pytest
 from bids_fixtures import make_bids_dataset
 from cg3d_bids.cli.main import main
 
+pytestmark = pytest.mark.slow  # every test here runs cg3d end to end (seconds to a minute each)
+
 SUBJECTS = ["01", "02", "03", "04", "05", "06"]
 FAST = ["--device", "cpu", "--encoder", "test-tiny-vit", "--cube-size", "56", "--nprocs", "1",
         "--skip-bids-validation", "--projection-dim", "16"]
@@ -258,7 +260,7 @@ def test_without_skip_bad_images_bad_data_stops_and_points_to_the_flag(skip_run)
 def test_every_report_opens_cleanly_in_chromium(plain_run, skip_run):
     """Every HTML report of two end-to-end runs (one with skipped images) in headless Chromium:
     no console error, no broken image, no network request, not blank."""
-    from cg3d_bids.reports.browser import check_report, find_chromium
+    from browser import check_report, find_chromium
 
     if find_chromium() is None:
         print("chromium not found: apt-get install chromium")

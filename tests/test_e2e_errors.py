@@ -46,12 +46,14 @@ def check(capsys, tmp_path: Path, status: int, code: int, *needles: str) -> str:
     return err
 
 
+@pytest.mark.slow
 def test_corrupt_nifti(dataset, capsys):
     tmp_path, paths = dataset
     t1w(tmp_path, "02").write_bytes(b"this is not a nifti file at all")
     check(capsys, tmp_path, run(tmp_path, paths), 65, "sub-02_T1w.nii.gz")
 
 
+@pytest.mark.slow
 def test_truncated_nifti(dataset, capsys):
     tmp_path, paths = dataset
     path = t1w(tmp_path, "03")
@@ -60,6 +62,7 @@ def test_truncated_nifti(dataset, capsys):
     check(capsys, tmp_path, run(tmp_path, paths), 65, "sub-03_T1w.nii.gz")
 
 
+@pytest.mark.slow
 def test_4d_image(dataset, capsys):
     tmp_path, paths = dataset
     img = nib.load(t1w(tmp_path, "01"))
@@ -68,6 +71,7 @@ def test_4d_image(dataset, capsys):
     check(capsys, tmp_path, run(tmp_path, paths), 65, "sub-01_T1w.nii.gz", "4D")
 
 
+@pytest.mark.slow
 def test_nan_image(dataset, capsys):
     tmp_path, paths = dataset
     img = nib.load(t1w(tmp_path, "04"))
@@ -77,6 +81,7 @@ def test_nan_image(dataset, capsys):
     check(capsys, tmp_path, run(tmp_path, paths), 65, "sub-04_T1w.nii.gz")
 
 
+@pytest.mark.slow
 def test_empty_mask(dataset, capsys):
     tmp_path, paths = dataset
     img = nib.load(mask(paths, "02"))
@@ -84,6 +89,7 @@ def test_empty_mask(dataset, capsys):
     check(capsys, tmp_path, run(tmp_path, paths), 65, "sub-02_desc-brain_mask.nii.gz")
 
 
+@pytest.mark.slow
 def test_mask_that_cannot_be_mapped(dataset, capsys):
     tmp_path, paths = dataset
     img = nib.load(mask(paths, "05"))
@@ -98,6 +104,7 @@ def test_labels_matching_nothing(dataset, capsys):
     check(capsys, tmp_path, run(tmp_path, paths, "--participant-label", "99"), 18, "99")
 
 
+@pytest.mark.slow
 def test_modality_without_images(dataset, capsys):
     tmp_path, paths = dataset
     status = main([str(tmp_path / "bids"), str(tmp_path / "out"), "group", "-w", str(tmp_path / "work"),
@@ -105,12 +112,14 @@ def test_modality_without_images(dataset, capsys):
     check(capsys, tmp_path, status, 66, "FLAIR")
 
 
+@pytest.mark.slow
 def test_batch_below_minimum(dataset, capsys):
     tmp_path, paths = dataset
     err = check(capsys, tmp_path, run(tmp_path, paths, "--participant-label", "01", "02", "03"), 66)
     assert "at least 5" in err
 
 
+@pytest.mark.slow
 def test_missing_weights_offline(dataset, capsys, monkeypatch):
     tmp_path, paths = dataset
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -122,12 +131,14 @@ def test_missing_weights_offline(dataset, capsys, monkeypatch):
     check(capsys, tmp_path, status, 66, "--weights")
 
 
+@pytest.mark.slow
 def test_image_without_mask(dataset, capsys):
     tmp_path, paths = dataset
     mask(paths, "03").unlink()
     check(capsys, tmp_path, run(tmp_path, paths), 66, "sub-03_T1w.nii.gz", "--mask-source")
 
 
+@pytest.mark.slow
 def test_gzip_with_bad_crc_is_caught(dataset, capsys):
     """A .nii.gz whose payload is damaged (not only cut short) is reported too."""
     tmp_path, paths = dataset

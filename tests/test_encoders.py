@@ -65,6 +65,7 @@ def test_registry_names_timm_models_and_default_layers():
         get_spec("dinov2_vitl15")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(TIMM_NAMES))
 def test_registry_matches_the_timm_architecture(name):
     """Dims, depth, patch, mean/std of each entry are timm's (model built on the meta device)."""

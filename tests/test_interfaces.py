@@ -22,6 +22,8 @@ def test_traits_follow_the_signature():
     assert iface.PrepareImage.__module__ == iface.__name__ and iface.PrepareImage.__qualname__ == "PrepareImage"
 
 
+@pytest.mark.slow
+@pytest.mark.slow
 def test_a_node_runs_a_stage_on_record_files(dataset, tmp_path):  # noqa: F811
     ctx = context(dataset, tmp_path)
     settings_file = tmp_path / "settings.toml"
@@ -47,7 +49,7 @@ def test_out_of_memory_is_recognised_by_type_not_text():
 
 
 def test_unsupported_parameter_types_are_refused():
-    def bad(ctx, value: int) -> rec.Landmarks:  # pragma: no cover - never called
+    def bad(ctx, value: float) -> rec.Landmarks:  # pragma: no cover - never called
         raise AssertionError
 
     with pytest.raises(TypeError, match="unsupported type"):

@@ -6,6 +6,8 @@ function that closes a loop is a cycle too.
 
 from __future__ import annotations
 
+import pytest
+
 import ast
 from pathlib import Path
 
@@ -51,6 +53,7 @@ def _graph() -> dict[str, set[str]]:
     return graph
 
 
+@pytest.mark.slow
 def test_core_imports_nothing_of_the_app():
     for path in (PACKAGE / "core").rglob("*.py"):
         for name in _imports(path):
@@ -60,6 +63,7 @@ def test_core_imports_nothing_of_the_app():
             assert name.split(".")[0] not in CORE_FORBIDDEN, f"{path.relative_to(PACKAGE)} imports {name}"
 
 
+@pytest.mark.slow
 def test_no_import_cycles():
     graph = _graph()
     # a package's __init__ importing its own submodules is how packages work, not a cycle

@@ -161,6 +161,7 @@ def test_mask_same_grid_used_directly():
     assert np.array_equal(mapped.mask, expected)
 
 
+@pytest.mark.slow
 def test_mask_resampled_across_grids(tmp_path):
     image, truth = _box_image(tmp_path)
     # the same box on a 1 mm grid, stored LPS, with another field of view
@@ -366,6 +367,7 @@ def test_skullstrip_missing_deepbet(monkeypatch):
     _extractor.cache_clear()
 
 
+@pytest.mark.slow
 def test_skullstrip_deepbet_on_4mm_image():
     try:
         import deepbet  # noqa: F401
@@ -389,3 +391,57 @@ def test_truncated_mask_named(tmp_path):
     with pytest.raises(InputDataError) as exc:
         load_mask_for_image(bad, image)
     assert str(bad) in str(exc.value)
+
+
+@pytest.mark.parametrize("oblique", [False, True])
+def test_resampling_only_where_needed_is_bit_identical(oblique):
+    """The brain-only resampling gives exactly affine_transform's values (the cube and the maps
+    must not change when the work shrinks)."""
+    from cg3d_bids.core.preprocessing.resample import resample, resample_mask, resample_where
+
+    rng = np.random.default_rng(7 + oblique)
+    data = rng.random((50, 57, 43)).astype(np.float32)
+    mask = np.zeros(data.shape, bool)
+    mask[10:40, 12:45, 8:35] = rng.random((30, 33, 27)) > 0.2
+    vox2vox = np.eye(4)
+    vox2vox[:3, :3] = np.diag(rng.uniform(0.5, 1.5, 3)) + (rng.normal(size=(3, 3)) * 0.2 if oblique else 0)
+    vox2vox[:3, 3] = rng.uniform(-6, 6, 3)
+    shape = (48, 48, 48)
+    expected_mask = resample(mask.astype(np.uint8), vox2vox, shape, 0).astype(bool)
+    expected = resample(data, vox2vox, shape, 1)
+    expected[~expected_mask] = 0
+    got_mask = resample_mask(mask, vox2vox, shape)
+    assert got_mask.any() and np.array_equal(got_mask, expected_mask)
+    assert np.array_equal(resample_where(data, vox2vox, got_mask, 1), expected)
+    assert not resample_mask(np.zeros_like(mask), vox2vox, shape).any()
+
+
+@pytest.mark.parametrize("oblique", [False, True])
+def test_make_cube_equals_the_plain_affine_transform_recipe(oblique):
+    """The cube (data, mask, affine, outside fraction) is exactly what resampling the whole cube
+    with affine_transform gives, on axis-aligned (separable fast path) and oblique grids."""
+    from cg3d_bids.core.preprocessing import cube as cube_mod
+    from cg3d_bids.core.preprocessing.resample import resample, voxel_to_world
+
+    rng = np.random.default_rng(3)
+    data = rng.random((40, 44, 36)).astype(np.float32) + 0.1
+    mask = np.zeros(data.shape, bool)
+    mask[6:34, 5:40, 4:33] = True
+    affine = np.diag([1.2, 1.1, 1.3, 1.0])
+    affine[:3, 3] = [-20.0, -24.0, -18.0]
+    if oblique:
+        angle = 0.2
+        rotation = np.array([[np.cos(angle), -np.sin(angle), 0], [np.sin(angle), np.cos(angle), 0], [0, 0, 1]])
+        affine[:3, :3] = rotation @ affine[:3, :3]
+    image = nib.Nifti1Image(data, affine)
+    got = cube_mod.make_cube(image, mask, size=28, fov_mm=30.0, warn_outside=False)
+    world = voxel_to_world(np.argwhere(mask), affine)
+    expected_affine = cube_mod.cube_affine((world.min(0) + world.max(0)) / 2, 28, 30.0)
+    vox2vox = np.linalg.inv(affine) @ expected_affine
+    expected_mask = resample(mask.astype(np.uint8), vox2vox, (28,) * 3, 0).astype(bool)
+    expected = resample(data, vox2vox, (28,) * 3, 1)
+    expected[~expected_mask] = 0
+    coords = voxel_to_world(np.argwhere(mask), np.linalg.inv(expected_affine) @ affine)
+    outside = float(1 - np.all((coords >= -0.5) & (coords <= 27.5), axis=1).mean())
+    assert np.array_equal(got.affine, expected_affine) and np.array_equal(got.mask, expected_mask)
+    assert np.array_equal(got.data, expected) and got.outside_fraction == outside > 0

@@ -36,12 +36,15 @@ def examples() -> list[rec.Record]:
         rec.ImageTokens(bids_name="a", modality="T1w", key="t", grid=2, layers=(1, 2),
                         tokens=rng.normal(size=(2, 8, 6)).astype(np.float32), valid=np.ones(8, bool),
                         info={"encoder": "x", "seconds": 1.0}),
-        rec.BatchScores(modality="T1w", key="s", names=("a", "b"), grid=2, scores=np.ones((2, 8), np.float32),
+        rec.BatchScores(modality="T1w", key="s", names=("a", "b"), grid=2, k=1, batch=2,
+                        scores=np.ones((2, 8), np.float32),
                         per_layer=np.ones((1, 2, 8), np.float32), valid=np.ones((2, 8), bool),
                         suspicious=np.zeros((2, 8), np.int32), median=0.5, scale=0.1,
                         communities=(rec.Community(("a", "b"), (3, 4)),), timings={"scoring_s": 1.0}),
         result,
-        rec.GroupSummary(modality="T1w", results=(result,), n_scored=1, k=1, median=0.5, scale=0.1),
+        rec.GroupSummary(modality="T1w", results=(result,), batches=(
+            rec.BatchFacts(batch=1, names=("sub-01_ses-a_T1w", "b"), k=1, median=0.5, scale=0.1,
+                           communities=(rec.Community(("b",), (2,)),)),)),
     ]
 
 

@@ -51,7 +51,7 @@ def _records(tmp: Path, n: int, seed: int = 0):
                                  bids_name=name)
         results[name] = rec.ImageResult(image=record, status="ok", score_max=float(i + 1))
         sha[name] = hashlib.sha256(image_file.read_bytes()).hexdigest()
-    batch = rec.BatchScores(modality="T1w", key="s", names=tuple(names), grid=GRID,
+    batch = rec.BatchScores(modality="T1w", key="s", names=tuple(names), grid=GRID, k=1,
                             scores=np.zeros((n, GRID**3), np.float32), per_layer=np.zeros((2, n, GRID**3), np.float32),
                             valid=valid, suspicious=np.zeros((n, GRID**3), np.int32), median=0.25, scale=0.125)
     landmarks = rec.Landmarks(modality="T1w", key="lmkey", percentiles=(1.0, 50.0, 99.0), landmarks=(0.0, 50.0, 100.0),

@@ -88,6 +88,8 @@ def test_save_reference_follows_the_group_stage(tmp_path):
                                subjects=["a"], use_gpu=False, n_chunks=1, base_dir=tmp_path / "n2")
     with pytest.raises(RuntimeError, match="no score, group node"):
         connect_save_reference(participant, settings, ["T1w"])
+    with pytest.raises(UsageError, match="splits T1w into 2 batches"):  # a bank is one MuSc batch
+        connect_save_reference(wf, settings, ["T1w"], {"T1w": [(1, ["sub-a_T1w"]), (2, ["sub-b_T1w"])]})
 
 
 def test_the_demo_bank_is_large_enough_only_with_its_documented_fraction():

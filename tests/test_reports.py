@@ -3,7 +3,8 @@
 The synthetic outputs are built once per test session (:func:`build_reports`, also used by
 ``test_reports_browser.py``): 30^3 ellipsoid "brains" with a bright blob, an anomaly map peaking on
 the blob, its binary mask and the brain mask, for 4 subjects (one with two sessions and two
-modalities, one failed image).
+modalities, one failed image). As in the pipeline, scores are raw (the subject score and the
+components' peaks are raw scores, the probseg map is their logistic transform).
 """
 
 from __future__ import annotations
@@ -37,6 +38,9 @@ from cg3d_bids.reports.data import image_anchor
 
 N = 30
 MAX_BYTES = 5_000_000
+#: Batch statistics of the synthetic raw scores: probseg = logistic((raw - MEDIAN) / SCALE - Z_CENTER)
+MEDIAN, SCALE, Z_CENTER = 1.0, 0.1, 3.0
+RAW_THRESHOLD = MEDIAN + SCALE * Z_CENTER      # raw score at probseg 0.5
 
 
 # ------------------------------------------------------------------------------------------------
@@ -53,6 +57,12 @@ def _volumes(seed: int, blob: tuple[float, float, float] | None, strength: float
         prob = np.maximum(prob, strength * np.exp(-d2 / 0.03)).astype(np.float32)
     prob = np.where(brain, prob, 0).astype(np.float32)
     return image, prob, brain
+
+
+def _raw(prob: np.ndarray) -> np.ndarray:
+    """Raw scores whose probseg transform is ``prob``."""
+    p = np.clip(prob.astype(np.float64), 1e-6, 1 - 1e-6)
+    return MEDIAN + SCALE * (Z_CENTER + np.log(p / (1 - p)))
 
 
 def _write_image(bids: Path, out: Path, subject: str, session: str | None, modality: str, *,
@@ -79,17 +89,18 @@ def _write_image(bids: Path, out: Path, subject: str, session: str | None, modal
                       ("brain", brain.astype(np.uint8))):
         nib.save(nib.Nifti1Image(data, affine), paths[key])
     voxel = float(abs(np.linalg.det(affine[:3, :3])))
+    raw = _raw(prob)
     components = []
     if amask.any():
         ijk = np.argwhere(amask).mean(0)
         components.append({"centroid_mm": nib.affines.apply_affine(affine, ijk).tolist(),
-                           "volume_mm3": float(amask.sum() * voxel), "peak": float(prob[amask].max())})
-        components.append({"centroid_mm": [1.0, 2.0, 3.0], "volume_mm3": 2.2, "peak": 0.51})
+                           "volume_mm3": float(amask.sum() * voxel), "peak": float(raw[amask].max())})
+        components.append({"centroid_mm": [1.0, 2.0, 3.0], "volume_mm3": 2.2, "peak": 1.3042})
     return ImageResult(
         bids_name=bids_name, subject=subject, session=session, modality=modality,
         entities={"subject": subject, "session": session, "suffix": modality},
         image_path=paths["image"], probseg_path=paths["probseg"], anomaly_mask_path=paths["amask"],
-        brain_mask_path=paths["brain"], score=float(prob[brain].max()), rank=0, percentile=math.nan,
+        brain_mask_path=paths["brain"], score=float(raw[brain].max()), rank=0, percentile=math.nan,
         n_images=n_images, flagged=bool(amask.any()),
         anomalous_volume_mm3=float(amask.sum() * voxel), components=components,
     )
@@ -109,6 +120,7 @@ def _rank(results: list[ImageResult]) -> list[ImageResult]:
 @dataclass
 class Built:
     root: Path
+    batch: dict
     out: Path
     results: dict[str, list[ImageResult]]      # by modality
     subject_reports: dict[str, Path]
@@ -127,7 +139,7 @@ PROVENANCE = {
 }
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def build_reports() -> Built:
     """Synthetic outputs and all reports, built once per test process (shared with the browser tests)."""
     root = Path(tempfile.mkdtemp(prefix="cg3d-reports-test-"))
@@ -152,7 +164,8 @@ def build_reports() -> Built:
     prov = Provenance.from_dict(PROVENANCE)
     communities = [{"id": 1, "members": ["sub-01_ses-01_T2w", "sub-01_ses-02_T2w"], "n_suspicious": [12, 9]}]
     batch = {"B": 5, "K": 1, "fraction": 0.3, "cube_size": 224, "layers": [6, 12, 18, 24], "device": "cuda",
-             "threshold": 0.5, "runtime_s": {"preprocess": 3.2, "tokens": 41.0, "scoring": 7.5, "outputs": 2.0}}
+             "threshold": 0.5, "median": MEDIAN, "scale": SCALE,
+             "runtime_s": {"preprocess": 3.2, "tokens": 41.0, "scoring": 7.5, "outputs": 2.0}}
     groups = {
         "T2w": write_group_report(out, "T2w", t2, batch, communities, prov),
         "T1w": write_group_report(out, "T1w", t1, dict(batch, B=2, K=0), [], prov),
@@ -164,7 +177,7 @@ def build_reports() -> Built:
     for subject, items in sorted(subjects.items()):
         fmt = "png" if subject == "04" else "svg"   # both figure formats are exercised
         reports[subject] = write_subject_report(out, subject, items, prov, figure_format=fmt)
-    return Built(root, out, {"T2w": t2, "T1w": t1}, reports, groups, communities, prov)
+    return Built(root, batch, out, {"T2w": t2, "T1w": t1}, reports, groups, communities, prov)
 
 
 @pytest.fixture(scope="module")
@@ -201,6 +214,7 @@ def _folder_bytes(html: Path, subject: str) -> int:
 
 
 # ------------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_subject_report_files_written(built):
     assert set(built.subject_reports) == {"01", "02", "03", "04"}
     for subject, html in built.subject_reports.items():
@@ -220,6 +234,7 @@ def test_subject_report_files_written(built):
         assert group.is_file()
 
 
+@pytest.mark.slow
 def test_relative_links_resolve(built):
     pages = list(built.subject_reports.values()) + list(built.group_reports.values())
     checked = 0
@@ -291,8 +306,10 @@ def test_group_distribution_and_batch(built):
     text = built.group_reports["T2w"].read_text()
     ok = [r for r in built.results["T2w"] if r.ok]
     assert text.count("<title>sub-") == len(ok)                 # one hoverable point per scored image
-    assert "threshold 0.5" in text
-    assert 'id="runtime-table"' in text and "41.0 s" in text and "total" in text
+    assert "mask threshold: raw 1.3 = probseg 0.5" in text and 'id="cg3d-threshold"' in text
+    assert "mask threshold (raw score)" in text and "batch median of the raw scores" in text
+    assert 'id="runtime-table"' in text and "41.0 s" in text
+    assert "filled in here when the run finishes" in text
     assert "batch size B" in text
     for ref in ("Le-Gia", "MuSc", "CoDeGraph", "DINOv2", "Nipype", "PyBIDS", "Nyúl"):
         assert ref in text
@@ -330,6 +347,7 @@ def test_test_encoder_banner(built, tmp_path):
     assert 'id="test-encoder-banner"' not in built.group_reports["T1w"].read_text()
 
 
+@pytest.mark.slow
 def test_html_escapes_user_strings(built, tmp_path):
     evil = "<script>alert('x')</script>"
     prov = replace(built.provenance, command=f"cg3d {evil}", extra={"note": "<b>bold</b>"})
@@ -337,7 +355,7 @@ def test_html_escapes_user_strings(built, tmp_path):
                 entities={"acquisition": "<i>x</i>"})
     subject = write_subject_report(tmp_path, "02", [r], prov).read_text()
     group = write_group_report(tmp_path, "T1w", [r], {"B": 1, "note": evil},
-                               [{"id": 1, "members": [f"<img src=x onerror=alert(1)>"], "n_suspicious": [3]}],
+                               [{"id": 1, "members": ["<img src=x onerror=alert(1)>"], "n_suspicious": [3]}],
                                prov).read_text()
     for text in (subject, group):
         assert evil not in text and "<b>bold</b>" not in text
@@ -391,6 +409,7 @@ def test_figure_failure_keeps_report(built, tmp_path):
     assert (tmp_path / "sub-02" / "figures" / "sub-02_label-brain_desc-T1w_mask.svg").is_file()
 
 
+@pytest.mark.slow
 def test_size_budget_redraws_figures(built, tmp_path):
     r = built.results["T2w"][2]                                 # sub-02's T2w, drawn at the default dpi
     figs = built.out / "sub-02" / "figures"
@@ -436,3 +455,129 @@ def test_image_labels_and_order(built):
     assert [r.bids_name for r in sorted(runs, key=ImageResult.sort_key)] == [
         "sub-01_ses-01_acq-hi_run-2_T2w", "sub-01_ses-01_acq-hi_run-10_T2w"]
     assert image_anchor("sub-01_ses-01 x<y>_T2w") == "img-sub-01_ses-01-x-y-_T2w"
+
+
+# ------------------------------------------------------------------------------------------------
+# scores: raw units on the group plot, "peak" named everywhere
+def _plot_points(text: str) -> tuple[dict[str, float], float | None]:
+    """x of each image's point (by name, from its hover title) and of the threshold line."""
+    from test_reports_figures import _positions
+
+    svg = text[text.index("<svg"):text.index("</svg>")]
+    points, line = _positions(svg)
+    names = dict(re.findall(r'<g id="cg3d-pt-(\d+)"><title>([^:<]+):', svg))
+    return {names[str(i)]: x for i, x in points.items()}, line
+
+
+def test_group_threshold_line_is_in_raw_units(built):
+    text = built.group_reports["T2w"].read_text()
+    points, line = _plot_points(text)
+    results = {r.bids_name: r for r in built.results["T2w"] if r.ok}
+    assert set(points) == set(results) and line is not None
+    assert any(r.flagged for r in results.values()) and not all(r.flagged for r in results.values())
+    for name, x in points.items():
+        r = results[name]
+        assert r.flagged == (r.score > RAW_THRESHOLD)
+        assert (x > line) if r.flagged else (x < line), name
+    assert f"({RAW_THRESHOLD:.3f}, i.e. probseg 0.50)" in text
+
+
+def test_group_plot_without_batch_statistics_has_no_line(built, tmp_path):
+    batch = {k: v for k, v in built.batch.items() if k not in ("median", "scale")}
+    text = write_group_report(tmp_path, "T2w", built.results["T2w"], batch, [], built.provenance).read_text()
+    assert _plot_points(text)[1] is None and 'id="cg3d-threshold"' not in text
+    assert "no threshold line" in text and "mask threshold (raw score)" not in text
+
+
+def _visible_text(html: str) -> str:
+    html = re.sub(r"<(style|script)[^>]*>.*?</\1>", " ", html, flags=re.S)
+    return re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", html))
+
+
+def test_peak_is_always_named(built):
+    """Every "peak" in the subject report and its figures is "peak probseg" or "peak raw score"."""
+    html = built.subject_reports["01"].read_text()
+    figs = sorted((built.out / "sub-01" / "figures").glob("*probseg.svg"))
+    texts = [_visible_text(html)] + [_visible_text(p.read_text()) for p in figs]
+    n = 0
+    for text in texts:
+        for m in re.finditer(r"\bpeak\b", text, flags=re.I):
+            assert text[m.end():].startswith((" probseg", " raw score")), text[m.start() - 40:m.end() + 40]
+            n += 1
+    assert n >= 8
+    r = next(r for r in built.results["T2w"] if r.bids_name == "sub-01_ses-01_T2w")
+    prob, brain = nib.load(r.probseg_path), nib.load(r.brain_mask_path)
+    peak_probseg = float(np.asarray(prob.dataobj)[np.asarray(brain.dataobj) > 0].max())
+    assert f"peak probseg {peak_probseg:.2f} at" in figs[[p.name.startswith("sub-01_ses-01_label-anomaly_desc-T2w")
+                                                          for p in figs].index(True)].read_text()
+    assert f"(probseg {peak_probseg:.3f} at" in html
+    assert "peak raw score</th>" in html
+    assert f'data-value="{r.components[0]["peak"]}">{r.components[0]["peak"]:.3f}</td>' in html
+    assert r.components[0]["peak"] > RAW_THRESHOLD and r.score == pytest.approx(r.components[0]["peak"])
+
+
+def test_caption_gives_the_world_cut_coordinates(built):
+    html = built.subject_reports["02"].read_text()
+    r = next(r for r in built.results["T2w"] if r.subject == "02")
+    peak, _ = figures.peak_coordinates(nib.load(r.probseg_path), nib.load(r.brain_mask_path))
+    cuts = figures.cut_coordinates(nib.load(r.brain_mask_path), 7, peak)
+    listed = "; ".join(f"{mode} = " + ", ".join(str(round(c, 1)) for c in cuts[mode]) for mode in "xyz")
+    assert f"coordinates {listed} mm" in re.sub(r"\s+", " ", html)
+    assert "neurological view" in html
+
+
+@pytest.mark.slow
+def test_subject_report_from_in_memory_volumes(built, tmp_path):
+    """Arrays handed over as nibabel images give the same figures as the files (which may be gone)."""
+    r = next(r for r in built.results["T2w"] if r.bids_name == "sub-01_ses-01_T2w")
+    given = {}
+    for layer, path in (("image", r.image_path), ("probseg", r.probseg_path),
+                        ("anomaly_mask", r.anomaly_mask_path), ("brain_mask", r.brain_mask_path)):
+        img = nib.load(path)
+        given[layer] = nib.Nifti1Image(np.asarray(img.dataobj), img.affine)
+    gone = tmp_path / "gone.nii.gz"
+    moved = replace(r, image_path=gone, probseg_path=gone, anomaly_mask_path=gone, brain_mask_path=gone)
+    write_subject_report(tmp_path, "01", [moved], built.provenance, volumes={r.bids_name: given})
+    for name in figures_names(r):
+        assert (tmp_path / "sub-01" / "figures" / name).read_bytes() == \
+            (built.out / "sub-01" / "figures" / name).read_bytes()
+
+
+def figures_names(r: ImageResult) -> tuple[str, str]:
+    from cg3d_bids.reports.subject import figure_names
+
+    return figure_names(r)
+
+
+@pytest.mark.slow
+def test_group_report_warns_when_a_flag_contradicts_the_threshold(built, tmp_path, caplog):
+    results = list(built.results["T2w"])
+    i = next(k for k, r in enumerate(results) if r.ok and not r.flagged)
+    results[i] = replace(results[i], flagged=True)           # flagged, yet left of the raw threshold
+    with caplog.at_level("WARNING", logger="cg3d.reports"):
+        write_group_report(tmp_path, "T2w", results, built.batch, [], built.provenance)
+    assert results[i].bids_name in caplog.text and "disagree" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="cg3d.reports"):
+        write_group_report(tmp_path, "T2w", built.results["T2w"], built.batch, [], built.provenance)
+    assert "disagree" not in caplog.text
+
+
+def test_group_report_timings_are_filled_in_at_the_end(built):
+    """The Batch card's timings block is replaced by the run's table (idempotently)."""
+    from cg3d_bids.reports.group import insert_timings
+    from cg3d_bids.timings import TimingRow
+
+    report = built.group_reports["T2w"]
+    rows = [TimingRow("prepare", "T2w", 4, 2.0, 3.5, 0.0, 2.0), TimingRow("score", "T1w", 4, 9.0, 9.0, 2.0, 11.0),
+            TimingRow("total", "all", 0, 20.0, 30.0, 0.0, 20.0)]
+    insert_timings(report, "T2w", rows, "run-42")
+    text = report.read_text()
+    assert "filled in here when the run finishes" not in text
+    block = text[text.index("cg3d:timings:start"):text.index("cg3d:timings:end")]
+    assert "timings-run-42.tsv" in block and ">prepare<" in block and ">total<" in block
+    assert ">score<" not in block, "rows of another modality are left out"
+    assert "1.8" in block  # CPU / wall of prepare (3.5 / 2.0)
+    before = report.read_text()
+    insert_timings(report, "T2w", rows, "run-42")
+    assert report.read_text() == before

@@ -1,19 +1,23 @@
-"""The reports in headless Chromium: no console errors, no broken images, no network, not blank.
+"""The reports in headless Chromium: no console errors, no broken images, no network, not blank,
+tables inside their cards at 1400 px and narrower.
 
 Needs the Debian package ``chromium`` (installed in CI); skipped with the reason otherwise. The
-reports come from ``test_reports.build_reports`` (built once per test process).
+reports come from ``test_reports.build_reports`` (built once per test process). The DevTools client
+is ``tests/browser.py`` (a test helper, not part of the package).
 """
 
 from __future__ import annotations
 
 import json
 import os
+from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
-from cg3d_bids.reports.browser import check_report, find_chromium
+from browser import check_report, find_chromium
 
-pytestmark = pytest.mark.browser
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
 CHROMIUM = find_chromium()
 
@@ -100,3 +104,75 @@ def test_checker_catches_problems(chromium, tmp_path):
                    "<img src='http://127.0.0.1:9/x.png' alt='remote'></body></html>")
     check = check_report(net)
     assert check.external_requests == ["http://127.0.0.1:9/x.png"] and not check.ok
+
+
+# ------------------------------------------------------------------------------------------------
+# layout: tables stay inside their cards
+_LAYOUT_JS = """JSON.stringify((function () {
+  var out = {page: document.documentElement.scrollWidth - window.innerWidth, cards: [], scrolls: []};
+  document.querySelectorAll('section.card, article.card').forEach(function (c) {
+    var r = c.getBoundingClientRect(), worst = 0, what = '';
+    c.querySelectorAll('*').forEach(function (e) {
+      var b = e.getBoundingClientRect();
+      if (b.width > 0 && b.right - r.right > worst) { worst = b.right - r.right; what = e.tagName + '.' + e.className; }
+    });
+    out.cards.push({id: c.id, overflow: c.scrollWidth - c.clientWidth, beyond: Math.round(worst), what: what});
+  });
+  document.querySelectorAll('.table-scroll').forEach(function (s) {
+    out.scrolls.push({id: s.parentNode.id, hidden: s.scrollWidth - s.clientWidth});
+  });
+  return out;
+})())"""
+
+#: realistic long BIDS names: sessions, acquisitions and runs
+_LONG = "ses-baselineVisit01_acq-mprage1mmIsotropic_run-01"
+
+
+def _long_named_group(built, folder: Path) -> Path:
+    from cg3d_bids.reports import write_group_report
+
+    results = []
+    for k, r in enumerate(built.results["T2w"]):
+        subject = f"healthycontrol{k:03d}"
+        results.append(replace(r, subject=subject, session="baselineVisit01",
+                               bids_name=f"sub-{subject}_{_LONG}_T2w"))
+    results[-1] = replace(results[-1], error="ValueError: image is 4D (64, 64, 30, 2); expected 3D " * 3)
+    return write_group_report(folder, "T2w", results, built.batch, [], built.provenance)
+
+
+def _layout(page: Path, width: int) -> dict:
+    check = check_report(page, window_size=(width, 1200), scripts={"layout": _LAYOUT_JS})
+    assert check.ok, check.summary()
+    return json.loads(check.scripts["layout"])
+
+
+def test_tables_fit_their_cards_at_1400px(chromium, built, tmp_path):
+    """At 1400 px the image tables (long BIDS names included) fit their cards: nothing sticks out,
+    nothing needs scrolling sideways."""
+    for page in (_long_named_group(built, tmp_path), built.group_reports["T2w"], built.subject_reports["01"]):
+        layout = _layout(page, 1400)
+        assert layout["page"] <= 0, page.name
+        for card in layout["cards"]:
+            assert card["overflow"] <= 0 and card["beyond"] <= 0, (page.name, card)
+        for box in layout["scrolls"]:
+            assert box["hidden"] <= 0, (page.name, box)
+
+
+@pytest.mark.parametrize("width", [1000, 700, 420])
+def test_narrow_windows_scroll_inside_the_card(chromium, built, tmp_path, width):
+    """Narrower windows: tables wrap or scroll inside their card; no card overflows, the page never
+    scrolls sideways."""
+    for page in (_long_named_group(built, tmp_path), built.subject_reports["01"]):
+        layout = _layout(page, width)
+        assert layout["page"] <= 0, (page.name, width)
+        for card in layout["cards"]:
+            assert card["overflow"] <= 0, (page.name, width, card)
+
+
+def test_devtools_client_is_not_in_the_package():
+    import cg3d_bids
+
+    package = Path(cg3d_bids.__file__).parent
+    assert not (package / "reports" / "browser.py").exists()
+    users = [p for p in package.rglob("*.py") if "browser" in p.read_text(encoding="utf-8")]
+    assert users == [], users

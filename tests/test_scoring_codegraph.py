@@ -102,6 +102,7 @@ def auroc(labels, valid, scores):
 
 # ------------------------------------------------------------------------------------------------
 # acceptance (method.md §4): (a) planted consistent anomalies, (b) clean batches, (c) determinism
+@pytest.mark.slow
 @pytest.mark.parametrize("generator", sorted(GENERATORS))
 @pytest.mark.parametrize("m", [3, 5, 8])
 def test_planted_consistent_anomaly_is_restored(generator, m):
@@ -118,6 +119,7 @@ def test_planted_consistent_anomaly_is_restored(generator, m):
     assert np.array_equal(scores[outside], musc[outside])
 
 
+@pytest.mark.slow
 def test_two_different_patterns_give_two_communities():
     tokens, valid, labels, planted = make_batch("prototypes", seed=4, groups=(5, 4))
     scores, details = codegraph_scores(tokens, valid, return_details=True)
@@ -132,6 +134,7 @@ def test_pair_with_a_shared_anomaly_at_batch_fifteen():
     assert auroc(labels, valid, scores) >= 0.95 > 0.8 >= auroc(labels, valid, details.musc_scores)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("generator", sorted(GENERATORS))
 def test_clean_batch_keeps_musc_scores(generator):
     tokens, valid, _, _ = make_batch(generator, seed=21)
@@ -141,6 +144,7 @@ def test_clean_batch_keeps_musc_scores(generator):
     assert details.n_suspicious.sum() < 0.01 * valid.sum()  # a few chance flags at most
 
 
+@pytest.mark.slow
 def test_unique_anomalies_form_no_community():
     tokens, valid, labels, _ = make_batch("sphere", seed=7, n_images=30, groups=(1, 1, 1))
     scores, details = codegraph_scores(tokens, valid, return_details=True)
@@ -148,6 +152,7 @@ def test_unique_anomalies_form_no_community():
     assert auroc(labels, valid, scores) >= 0.95
 
 
+@pytest.mark.slow
 def test_site_shift_of_a_whole_group_is_not_an_anomaly():
     """Every token of 8 images shifted (scanner/site effect): the link null absorbs it."""
     tokens, valid, _, _ = make_batch("sphere", seed=11)
@@ -163,6 +168,7 @@ def test_site_shift_of_a_whole_group_is_not_an_anomaly():
     assert details.communities == [sorted(group.tolist())]  # the option that would see it
 
 
+@pytest.mark.slow
 def test_unflagged_copies_are_excluded_through_the_burnout_radius():
     """One unflagged copy per image keeps a consistent anomaly's score low; the look-alikes
     within the burnout radius of flagged tokens are excluded too (per-token test, strict p)."""
@@ -190,6 +196,7 @@ def test_community_needs_pooled_evidence():
     assert cg.community_pvalue([0, 1], links, expected) > settings.community_pvalue / 190
 
 
+@pytest.mark.slow
 def test_deterministic_for_a_seed():
     tokens, valid, _, _ = make_batch("anisotropic", seed=5, groups=(5,))
     first, d1 = codegraph_scores(tokens, valid, return_details=True)
@@ -201,6 +208,7 @@ def test_deterministic_for_a_seed():
     assert d3.communities == d1.communities
 
 
+@pytest.mark.slow
 def test_global_random_state_untouched_and_restored():
     tokens, valid, _, _ = make_batch("prototypes", seed=3, groups=(3,))
     random.seed(123)
@@ -213,6 +221,7 @@ def test_global_random_state_untouched_and_restored():
 
 # ------------------------------------------------------------------------------------------------
 # API
+@pytest.mark.slow
 def test_details_structure_and_types():
     tokens, valid, labels, planted = make_batch("sphere", seed=5, groups=(5,))
     scores, details = codegraph_scores(torch.from_numpy(tokens), torch.from_numpy(valid),

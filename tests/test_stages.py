@@ -22,6 +22,8 @@ from cg3d_bids.interfaces.stage import run_stage
 from cg3d_bids.settings import Settings
 from cg3d_bids.stages import StageContext
 
+pytestmark = pytest.mark.slow  # one tiny dataset through every stage (about 10 s)
+
 SUBJECTS = ["01", "02", "03", "04", "05", "06"]
 
 
@@ -97,6 +99,7 @@ def scored(dataset, tmp_path_factory):
             "scores": stages.score(ctx, refs, order, "T1w")}
 
 
+@pytest.mark.slow
 def test_tokens_and_scores(scored):
     tokens = scored["refs"][0].load()
     assert tokens.tokens.shape == (4, 8, 24) and tokens.valid.any() and tokens.is_test
@@ -124,9 +127,10 @@ def test_score_passes_the_block_memory_setting(scored, monkeypatch):
 
 def test_outputs_write_maps_or_record_the_failure(scored, monkeypatch):
     ctx, prepared = scored["ctx"], scored["prepared"][2]
-    ref = stages.Ref(ctx.cache.store(scored["scores"]), rec.BatchScores)
+    ref = [stages.Ref(ctx.cache.store(scored["scores"]), rec.BatchScores)]
     result = stages.outputs(ctx, prepared, ref)
     assert result.ok and result.score_max > 0 and result.outside_fraction == prepared.outside_fraction
+    assert result.batch == 1
     probseg = ctx.settings.inputs.output_dir / "sub-03" / "anat" / "sub-03_label-anomaly_desc-T1w_probseg.nii.gz"
     assert nib.load(probseg).shape == nib.load(prepared.image.path).shape
     import cg3d_bids.core.maps as maps
@@ -160,3 +164,19 @@ def test_run_stage_times_calls_and_records_failures(scored, monkeypatch):
         run_stage(boom, ctx, prepared=scored["prepared"], modality="T1w")
     failure = ctx.cache.first_failure()
     assert failure.exit_code == 75 and failure.context == "landmarks-T1w"
+
+
+def test_figures_are_drawn_with_the_maps_and_reused_by_the_report(scored, monkeypatch):
+    ctx, prepared = scored["ctx"], scored["prepared"][4]
+    ref = [stages.Ref(ctx.cache.store(scored["scores"]), rec.BatchScores)]
+    result = stages.outputs(ctx, prepared, ref)
+    out = ctx.settings.inputs.output_dir
+    assert result.figures is not None and result.figures.anomaly and result.figures.mask
+    assert (out / result.figures.anomaly).exists() and (out / result.figures.mask).exists()
+    from cg3d_bids.reports import figures, write_subject_report
+    from cg3d_bids.reports.data import report_image
+
+    monkeypatch.setattr(figures, "load_volume", lambda *a, **k: pytest.fail("the report read an image again"))
+    html = write_subject_report(out, result.image.subject, [report_image(result, out, 6)],
+                                ctx.settings.provenance()).read_text()
+    assert result.figures.anomaly.split("/")[-1] in html and "figure failed" not in html.lower()

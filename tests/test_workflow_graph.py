@@ -58,7 +58,7 @@ def test_group_graph_has_scoring_outputs_and_reports(tmp_path):
     for node in ("prepare_T1w", "landmarks_T1w", "tokenize_T1w", "score_T1w", "outputs_T1w",
                  "group_T1w", "subject_reports"):
         assert node in names, node
-    assert wf.get_node("score_T1w").inputs.order == ["sub-d_T1w"]
+    assert wf.get_node("score_T1w").inputs.order == [["sub-d_T1w"]] and wf.get_node("score_T1w").inputs.batch == [1]
     assert wf.get_node("subject_reports").inputs.subjects == [["d"]]
 
 

@@ -251,7 +251,8 @@ def soft_lesion(lesion: np.ndarray, brain: np.ndarray, res: float) -> np.ndarray
     return np.where(brain, np.clip(soft / max(soft.max(), 1e-6), 0, 1), 0).astype(np.float32)
 
 
-def apply_lesion(img: np.ndarray, soft: np.ndarray, modality: str, rng: np.random.Generator) -> tuple[np.ndarray, float]:
+def apply_lesion(img: np.ndarray, soft: np.ndarray, modality: str,
+                 rng: np.random.Generator) -> tuple[np.ndarray, float]:
     """T2w/FLAIR: ``I (1 + a s)``, a ~ U(0.4, 0.9); T1w: ``I (1 - b s)``, b ~ U(0.3, 0.6)."""
     if modality == "T1w":
         b = rng.uniform(0.3, 0.6)

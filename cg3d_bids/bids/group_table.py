@@ -38,6 +38,10 @@ COLUMNS: dict[str, dict[str, Any]] = {
                     "Description": "Where the brain mask came from: derivatives:<name> (a mask of the "
                     "derivatives dataset <name> listed in DatasetLinks), nonzero (non-zero voxels of "
                     "the image) or skullstrip (deepbet), or the BIDS URI of the mask"},
+    "batch": {"LongName": "Scoring batch", "Format": "integer", "Minimum": 1,
+              "Description": "The chunk of the modality's images this image was scored with (--batch-size: "
+              "random non-overlapping chunks, each scored on its own; 1 when the modality is one batch); "
+              "n/a for images that were not scored"},
     "score_max": {"LongName": "Subject anomaly score", "Format": "number", "Units": "arbitrary",
                   "Description": "Maximum of the raw voxel-wise anomaly map inside the brain mask "
                   "(the subject-level score used for ranking)"},
@@ -45,10 +49,10 @@ COLUMNS: dict[str, dict[str, Any]] = {
                       "Description": "Mean of the 1% highest raw voxel scores inside the brain mask"},
     "score_percentile": {"LongName": "Percentile of the subject score", "Format": "number", "Units": "%",
                          "Minimum": 0, "Maximum": 100,
-                         "Description": "Percentile of score_max among the scored images of this batch "
+                         "Description": "Percentile of score_max among the scored images of the modality (all batches) "
                          "(100 = most anomalous)"},
     "rank": {"LongName": "Rank of the subject score", "Format": "integer", "Minimum": 1,
-             "Description": "Rank of score_max within the batch (1 = most anomalous)"},
+             "Description": "Rank of score_max among the scored images of the modality (1 = most anomalous)"},
     "anomaly_volume_mm3": {"LongName": "Anomalous volume", "Format": "number", "Units": "mm^3", "Minimum": 0,
                            "Description": "Volume of the binary anomaly mask (probseg > threshold)"},
     "n_components": {"LongName": "Anomalous components", "Format": "integer", "Minimum": 0,
@@ -81,6 +85,7 @@ def table_row(result: ImageResult) -> dict[str, Any]:
     }
     if result.ok:
         row.update({
+            "batch": result.batch,
             "score_max": result.score_max, "score_top1pct": result.score_top1pct,
             "score_percentile": result.score_percentile, "rank": result.rank,
             "anomaly_volume_mm3": result.anomaly_volume_mm3, "n_components": result.n_components,
@@ -168,7 +173,8 @@ def write_group_table(out_dir: str | Path, modality: str, rows: Sequence[Mapping
 
     ``rows``: one dict per requested image with (a subset of) :data:`COLUMNS`; missing values are
     ``n/a``; ``rank``/``score_percentile`` are computed among ``ok`` rows when not given. Extra keys
-    become extra columns (after the documented ones), documented from ``column_docs``. Rows without ``status`` are ``ok`` unless they carry an ``error``.
+    become extra columns (after the documented ones), documented from ``column_docs``. Rows without
+    ``status`` are ``ok`` unless they carry an ``error``.
     """
     rows = [dict(r) for r in rows]
     for row in rows:

@@ -20,7 +20,6 @@ from .. import __version__
 from ..errors import EXIT_UNKNOWN_LEVEL, EXIT_USAGE, UsageError
 from ..settings import (
     LEVELS,
-    MODALITIES,
     SECTIONS,
     ExecutionSettings,
     InputSettings,

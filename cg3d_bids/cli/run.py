@@ -8,6 +8,7 @@ failing run removes an output folder that it created and left empty.
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import shutil
@@ -224,8 +225,7 @@ def _run(settings: Settings, cache: WorkCache) -> int:
             fix="check --modality and the filters, and that anat/ holds *_T1w/*_T2w/*_FLAIR.nii[.gz]",
         )
     print(selected.summary(), file=sys.stderr)
-    if inputs.analysis_level == "group":
-        _check_batch_sizes(settings, images)
+    batches = _plan_batches(settings, images) if inputs.analysis_level == "group" else None
     settings = resolve_run_info(settings, cache.run_id)
     if bank is not None:
         from .reference import bind_reference
@@ -243,7 +243,7 @@ def _run(settings: Settings, cache: WorkCache) -> int:
     cohort_paths = {mod: [(r.bids_name, stored[r.bids_name]) for r in (cohort.images.get(mod) or recs)]
                     for mod, recs in images.items()}
     subjects = sorted({rec.subject for recs in images.values() for rec in recs})
-    _run_workflow(settings, settings_file, cache, selected_paths, cohort_paths, subjects)
+    _run_workflow(settings, settings_file, cache, selected_paths, cohort_paths, subjects, batches)
     chosen = {rec.bids_name for recs in images.values() for rec in recs}
     skipped = sorted(name for name in cache.skipped() if name in chosen)
     if inputs.analysis_level != "group" and bank is None:
@@ -268,28 +268,45 @@ def _run(settings: Settings, cache: WorkCache) -> int:
     return 0
 
 
-def _check_batch_sizes(settings: Settings, images: dict[str, list]) -> None:
+def _plan_batches(settings: Settings, images: dict[str, list]) -> dict[str, list[tuple[int, list[str]]]]:
+    """Per modality, the scoring batches ``(number, names)`` (``--batch-size``; the assignment is
+    kept in the work dir so that an image keeps its chunk), each large enough for K >= 1."""
+    from ..batches import assign_batches, assignment_path, batches_of, load_assignment, save_assignment
     from ..core.scoring import minimum_batch_size
 
-    fraction = settings.method.fraction
+    method, execution = settings.method, settings.execution
+    need = minimum_batch_size(method.fraction)
+    plan = {}
     for modality, recs in images.items():
-        b = len(recs)
-        k = int(fraction * (b - 1))
-        if k < 1:
-            need = minimum_batch_size(fraction)
+        names = [r.bids_name for r in recs]
+        path = assignment_path(execution.work_dir, modality, method.batch_size, method.random_seed)
+        previous = {} if execution.reassign_batches else load_assignment(path)
+        assignment = assign_batches(names, method.batch_size, method.random_seed, previous)
+        if method.batch_size:
+            save_assignment(path, assignment)
+        plan[modality] = batches_of(assignment, names)
+        small = min(len(members) for _, members in plan[modality])
+        if small < need:
+            where = (f"{modality}: {len(names)} image(s)" if len(plan[modality]) == 1 else
+                     f"{modality}: a batch of {small} image(s) (--batch-size {method.batch_size} over {len(names)})")
             raise BatchTooSmallError(
-                f"{modality}: {b} image(s) is below the minimum batch: mutual scoring averages "
-                f"K = floor({fraction} * (B - 1)) = {k} nearest images",
+                f"{where} is below the minimum batch: mutual scoring averages K = floor({method.fraction} "
+                f"* (B - 1)) nearest images, so a batch needs {need} images at this fraction",
                 path=settings.inputs.bids_dir,
-                fix=f"score at least {need} {modality} images together (drop the participant filter or "
-                f"add subjects), raise --fraction, or leave {modality} out with --modality",
+                fix=(f"raise --batch-size (at least {need}; the paper keeps accuracy from B = 30)" if method.batch_size
+                     else f"score at least {need} {modality} images together (drop the participant filter "
+                     f"or add subjects), raise --fraction, or leave {modality} out with --modality"),
             )
-        if b < 15:
-            LOGGER.warning("%s: batch of %d images; accuracy drops below B = 15 (paper Table 5)", modality, b)
+        if small < 15:
+            LOGGER.warning("%s: batch of %d images; accuracy drops below B = 15 (paper Table 5)", modality, small)
+        if len(plan[modality]) > 1:
+            LOGGER.info("%s: %d scoring batches of %s images", modality, len(plan[modality]),
+                        ", ".join(str(len(m)) for _, m in plan[modality]))
+    return plan
 
 
 def _run_workflow(settings: Settings, settings_file: Path, cache: WorkCache, selected, cohort,
-                  subjects: list[str]) -> None:
+                  subjects: list[str], batches=None) -> None:
     from nipype import config as nipype_config
 
     from ..workflows.base import init_cg3d_wf
@@ -322,20 +339,42 @@ def _run_workflow(settings: Settings, settings_file: Path, cache: WorkCache, sel
                                n_chunks=nprocs, base_dir=nipype_dir)
     else:
         wf = init_cg3d_wf(settings_file=settings_file, analysis_level=settings.inputs.analysis_level,
-                          selected=selected, cohort=cohort, subjects=subjects, use_gpu=use_gpu,
+                          selected=selected, cohort=cohort, subjects=subjects, batches=batches, use_gpu=use_gpu,
                           n_chunks=nprocs, base_dir=nipype_dir)
     if settings.execution.save_reference is not None:
         from ..workflows.reference import connect_save_reference
 
-        connect_save_reference(wf, settings_file, list(selected))
+        connect_save_reference(wf, settings_file, list(selected), batches)
     plugin, plugin_args = _plugin(settings, nprocs, use_gpu)
+    if plugin == "MultiProc" and plugin_args.get("mp_context") != "spawn":
+        _preload()  # forked workers inherit what the main process has imported, once for all
+    # nipype's MultiProc runs a full gc.collect() before each submission: with the imported
+    # modules frozen out of the collector's reach that costs milliseconds, not ~0.4 s each
+    gc.freeze()
     t0 = time.monotonic()
     try:
         wf.run(plugin=plugin, plugin_args=plugin_args)
     except Exception as exc:
         _raise_recorded_error(settings, cache, exc)
+    finally:
+        gc.unfreeze()
     LOGGER.info("workflow finished in %.1f s", time.monotonic() - t0)
     shutil.rmtree(nipype_dir, ignore_errors=True)  # kept after a failure, for debugging
+
+
+def _preload() -> None:
+    """Import the stages' heavy modules (torch, timm, scipy, matplotlib) before nipype forks its
+    workers: each worker would otherwise import them again (seconds of CPU per worker)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot  # noqa: F401
+    import scipy.ndimage  # noqa: F401
+    import timm.models.vision_transformer  # noqa: F401
+    import torch  # noqa: F401
+
+    from .. import stages  # noqa: F401
+    from ..reports import figures, subject  # noqa: F401
 
 
 def read_plugin_file(path: Path) -> tuple[str, dict[str, Any]]:
@@ -420,9 +459,16 @@ def _finalise_logs(settings: Settings, cache: WorkCache) -> None:
     log = cache.run_dir / "cg3d.log"
     if log.exists():
         write_text(logs / f"cg3d-{run_id}.log", log.read_text())
-    timings.write_tsv(logs / f"timings-{run_id}.tsv", timings.collect(cache.run_dir / "timings"))
+    rows = timings.collect(cache.run_dir / "timings")
+    timings.write_tsv(logs / f"timings-{run_id}.tsv", rows)
     if settings.inputs.analysis_level == "group":
         write_text(logs / "CITATION.md", citation_markdown(settings))
+        from ..reports.group import group_report_path, insert_timings
+
+        for modality in settings.inputs.modality:
+            report = group_report_path(settings.inputs.output_dir, modality)
+            if report.exists():
+                insert_timings(report, modality, rows, run_id)
 
 
 def _add_file_log(path: Path) -> logging.FileHandler:

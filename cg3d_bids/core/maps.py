@@ -130,26 +130,30 @@ def connected_components(
     """26-connected components of ``binary``: (count, :class:`Component` records, largest first;
     world mm through ``affine``, None without it)."""
     binary = np.asarray(binary, dtype=bool)
+    values = np.asarray(values)
     labels, count = ndimage.label(binary, structure=np.ones((3, 3, 3), dtype=bool))
     if count == 0:
         return 0, []
-    index = np.arange(1, count + 1)
     sizes = np.bincount(labels.ravel(), minlength=count + 1)[1:]
     order = np.argsort(-sizes, kind="stable")
     if max_components is not None:
         order = order[:max_components]
-    chosen = index[order]
-    centroids = ndimage.center_of_mass(binary, labels, chosen)
-    peaks = ndimage.maximum(values, labels, chosen)
-    peak_pos = ndimage.maximum_position(values, labels, chosen)
+    boxes = ndimage.find_objects(labels)
     records = []
-    for rank, label in enumerate(chosen):
-        centroid = tuple(float(v) for v in centroids[rank])
-        peak_voxel = tuple(int(v) for v in peak_pos[rank])
-        n_vox = int(sizes[label - 1])
+    for index in order:  # each component within its bounding box: work ~ its size, not the volume's
+        label = int(index) + 1
+        box = boxes[index]
+        inside = labels[box] == label
+        offset = np.array([sl.start for sl in box])
+        points = np.argwhere(inside)
+        centroid = tuple(float(v) for v in points.mean(axis=0) + offset)
+        local = np.where(inside, values[box], -np.inf)
+        peak_local = np.unravel_index(int(np.argmax(local)), local.shape)
+        peak_voxel = tuple(int(v) for v in np.asarray(peak_local) + offset)
+        n_vox = int(sizes[index])
         records.append(Component(
-            label=int(label), n_voxels=n_vox, volume_mm3=float(n_vox * voxel_volume_mm3),
-            centroid_voxel=centroid, centroid_mm=_world(affine, centroid), peak=float(peaks[rank]),
+            label=label, n_voxels=n_vox, volume_mm3=float(n_vox * voxel_volume_mm3),
+            centroid_voxel=centroid, centroid_mm=_world(affine, centroid), peak=float(local[peak_local]),
             peak_voxel=peak_voxel, peak_mm=_world(affine, peak_voxel),
         ))
     return int(count), records

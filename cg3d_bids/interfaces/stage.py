@@ -34,7 +34,7 @@ from nipype.interfaces.base import (
 from .. import records as rec
 from .. import timings
 from .. import stages
-from ..errors import Cg3dError, TempFailError
+from ..errors import TempFailError
 from ..settings import Settings
 from ..stages.context import Ref, StageContext
 
@@ -86,6 +86,8 @@ def _input_trait(name: str, hint: Any):
         return traits.List(traits.Any(), mandatory=True, desc=f"{name}: stored records (nested lists flattened)")
     if hint is str:
         return traits.Str(mandatory=True, desc=name)
+    if hint is int:
+        return traits.Int(mandatory=True, desc=name)
     if item is str:
         return traits.List(traits.Str(), mandatory=True, desc=name)
     raise TypeError(f"stage parameter {name!r}: unsupported type {hint!r}")

@@ -12,8 +12,7 @@ Public API::
 
 Reports are self-contained (inline CSS/JS, no network at view time); subject figures are SVG files
 under ``sub-<label>/figures/`` referenced by relative paths, the group plot is inlined. Figures are
-drawn by nilearn/matplotlib with the Agg backend (:mod:`.figures`). :mod:`.browser` checks a report in
-headless Chromium (console errors, broken images, blank page).
+drawn by matplotlib with the Agg backend (:mod:`.figures`).
 """
 
 from __future__ import annotations

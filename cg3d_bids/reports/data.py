@@ -49,6 +49,9 @@ class ImageResult:
     components: list[dict[str, Any]] = field(default_factory=list)
     status: str = "ok"             #: ``ok``, ``failed`` or ``skipped``
     error: str | None = None       #: error message of a failed image
+    batch: int | None = None       #: scoring chunk (``--batch-size``); None when not chunked
+    #: figures drawn with the maps (:class:`cg3d_bids.records.FigureSet`); None: the report draws them
+    figures: Any = None
 
     @property
     def ok(self) -> bool:
@@ -180,6 +183,7 @@ def report_image(result: ResultRecord, out_dir: Path, n_images: int) -> ImageRes
         percentile=float(result.score_percentile) if result.score_percentile is not None else float("nan"),
         n_images=n_images, flagged=result.flagged, anomalous_volume_mm3=float(result.anomaly_volume_mm3 or 0.0),
         components=[dataclasses.asdict(c) for c in result.components], status=result.status, error=result.error,
+        batch=result.batch, figures=result.figures,
     )
 
 

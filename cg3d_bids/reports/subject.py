@@ -4,7 +4,7 @@ One section per image (sessions as sections, runs/acquisitions as separate image
 with the anomaly mosaic, the batch-relative score, the connected components of the anomaly mask and a
 brain-mask check figure; failed images get a section with their error. Settings, provenance and a
 methods paragraph close the report. Templates are jinja2 with autoescaping; figures are drawn by
-:mod:`cg3d_bids.reports.figures` (nilearn/matplotlib, Agg backend).
+:mod:`cg3d_bids.reports.figures` (matplotlib, Agg backend), each image's files read once for both.
 """
 
 from __future__ import annotations
@@ -13,11 +13,12 @@ import datetime as _dt
 import logging
 import math
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import jinja2
+from markupsafe import Markup, escape
 
 from ..atomic import write_text
 from .data import ImageResult, Provenance, check_label, finite
@@ -79,6 +80,15 @@ def _seconds(value: Any) -> str:
     return f"{value:.1f} s"
 
 
+def _bids_name(value: Any) -> Markup:
+    """A BIDS name that may wrap after its underscores only: ``sub-01_`` ``<wbr>`` ``T1w``, each
+    entity unbreakable (class ``nw``); escaped."""
+    parts = [escape(part) for part in str(value).split("_")]
+    spans = [Markup('<span class="nw">{}</span>').format(p + ("_" if i < len(parts) - 1 else ""))
+             for i, p in enumerate(parts)]
+    return Markup("<wbr>").join(spans)
+
+
 _ENV: jinja2.Environment | None = None
 
 
@@ -94,7 +104,7 @@ def environment() -> jinja2.Environment:
             lstrip_blocks=True,
             keep_trailing_newline=True,
         )
-        env.filters.update(num=_num, pct=_pct, vol=_vol, seconds=_seconds)
+        env.filters.update(num=_num, pct=_pct, vol=_vol, seconds=_seconds, wbr=_bids_name)
         _ENV = env
     return _ENV
 
@@ -156,38 +166,113 @@ def _file_row(name: str, path: Path | None, report_dir: Path) -> tuple[str, str 
     return (name, href if inside else None, href if inside else str(path))
 
 
+#: ImageResult attribute and label of each figure layer
+_LAYERS = {
+    "image": ("image_path", "input image"),
+    "probseg": ("probseg_path", "anomaly map"),
+    "anomaly_mask": ("anomaly_mask_path", "anomaly mask"),
+    "brain_mask": ("brain_mask_path", "brain mask"),
+}
+
+
+def _layer_loader(result: ImageResult, given: Mapping[str, Any] | None) -> Callable[..., Any]:
+    """``load(name, required=True)``: the image's layer as a :class:`figures.Volume`, read once.
+
+    A layer comes from ``given`` (paths or in-memory nibabel images, keyed like :data:`_LAYERS`)
+    when there, else from the result's file; a missing file raises ``FileNotFoundError`` when
+    ``required``, else gives None.
+    """
+    from . import figures
+
+    cache: dict[str, Any] = {}
+
+    def load(name: str, required: bool = True):
+        if name not in cache:
+            source = (given or {}).get(name)
+            if source is None:
+                attr, label = _LAYERS[name]
+                path = Path(getattr(result, attr))
+                if not path.exists():
+                    if required:
+                        raise FileNotFoundError(f"{label} not found: {path}")
+                    return None
+                source = path
+            cache[name] = figures.load_volume(source)
+        return cache[name]
+
+    return load
+
+
 def _draw_figures(item: dict[str, Any], fig_dir: Path, report_dir: Path, *, fmt: str, dpi: int,
-                  floor: float, threshold: float) -> None:
+                  floor: float, threshold: float, given: Mapping[str, Any] | None = None) -> None:
     from . import figures
 
     result: ImageResult = item["result"]
     anomaly_name, mask_name = figure_names(result, fmt)
     item.update(anomaly_figure=None, mask_figure=None, anomaly_error=None, mask_error=None,
-                peak=None, peak_value=None, figure_paths=[])
+                peak=None, peak_value=None, cuts=None, figure_paths=[])
+    load = _layer_loader(result, given)
     try:
-        for label, path in (("input image", result.image_path), ("anomaly map", result.probseg_path)):
-            if not Path(path).exists():
-                raise FileNotFoundError(f"{label} not found: {path}")
-        amask = result.anomaly_mask_path if Path(result.anomaly_mask_path).exists() else None
-        bmask = result.brain_mask_path if Path(result.brain_mask_path).exists() else None
-        info = figures.plot_anomaly_mosaic(result.image_path, result.probseg_path, fig_dir / anomaly_name,
-                                           anomaly_mask=amask, brain_mask=bmask, floor=floor,
+        info = figures.plot_anomaly_mosaic(load("image"), load("probseg"), fig_dir / anomaly_name,
+                                           anomaly_mask=load("anomaly_mask", False),
+                                           brain_mask=load("brain_mask", False), floor=floor,
                                            threshold=threshold, dpi=dpi)
         item["anomaly_figure"] = relative_href(fig_dir / anomaly_name, report_dir)
         item["figure_paths"].append(fig_dir / anomaly_name)
-        item["peak"], item["peak_value"] = info.peak_mm, info.peak_value
+        item["peak"], item["peak_value"], item["cuts"] = info.peak_mm, info.peak_value, info.cuts
     except Exception as exc:  # a broken figure must not lose the whole report
         LOGGER.warning("anomaly figure of %s failed: %s", result.bids_name, exc)
         item["anomaly_error"] = f"{type(exc).__name__}: {exc}"
     try:
-        if not Path(result.brain_mask_path).exists():
-            raise FileNotFoundError(f"brain mask not found: {result.brain_mask_path}")
-        figures.plot_brain_mask(result.image_path, result.brain_mask_path, fig_dir / mask_name, dpi=dpi)
+        figures.plot_brain_mask(load("image"), load("brain_mask"), fig_dir / mask_name, dpi=dpi)
         item["mask_figure"] = relative_href(fig_dir / mask_name, report_dir)
         item["figure_paths"].append(fig_dir / mask_name)
     except Exception as exc:
         LOGGER.warning("brain-mask figure of %s failed: %s", result.bids_name, exc)
         item["mask_error"] = f"{type(exc).__name__}: {exc}"
+
+
+def _use_drawn_figures(item: dict[str, Any], out_dir: Path, fmt: str, dpi: int) -> bool:
+    """Take the figures drawn with the maps (``result.figures``) when they are there, in this
+    format and resolution: the report then reads no image again."""
+    drawn = item["result"].figures
+    if drawn is None or fmt != "svg" or dpi != _default_dpi():
+        return False
+    paths = [out_dir / p for p in (drawn.anomaly, drawn.mask) if p]
+    if not all(p.exists() for p in paths):
+        return False
+    item.update(
+        anomaly_figure=relative_href(out_dir / drawn.anomaly, out_dir) if drawn.anomaly else None,
+        mask_figure=relative_href(out_dir / drawn.mask, out_dir) if drawn.mask else None,
+        anomaly_error=drawn.anomaly_error, mask_error=drawn.mask_error, peak=drawn.peak_mm,
+        peak_value=drawn.peak_value, cuts=drawn.cuts, figure_paths=paths,
+    )
+    return True
+
+
+def _default_dpi() -> int:
+    from . import figures
+
+    return int(figures.FIG_DPI)
+
+
+def draw_figures(result: ImageResult, out_dir: str | os.PathLike, volumes: Mapping[str, Any], *,
+                 threshold: float) -> dict[str, Any]:
+    """Draw the two figures of one image from in-memory ``volumes`` (layers ``image``, ``probseg``,
+    ``anomaly_mask``, ``brain_mask``) into ``<out_dir>/sub-<label>/figures/``, as the subject
+    report would; returns paths (relative to ``out_dir``), the mosaic's peak and cuts, errors."""
+    out_dir = Path(out_dir)
+    item: dict[str, Any] = {"result": result}
+    fig_dir = out_dir / f"sub-{check_label(result.subject)}" / "figures"
+    _draw_figures(item, fig_dir, out_dir, fmt="svg", dpi=_default_dpi(), floor=min(0.2, threshold / 2),
+                  threshold=threshold, given=volumes)
+    anomaly, mask = figure_names(result)
+    return {
+        "anomaly": (fig_dir / anomaly).relative_to(out_dir).as_posix() if item["anomaly_figure"] else None,
+        "mask": (fig_dir / mask).relative_to(out_dir).as_posix() if item["mask_figure"] else None,
+        "peak_mm": item["peak"], "peak_value": item["peak_value"], "cuts": item["cuts"],
+        "anomaly_error": item["anomaly_error"], "mask_error": item["mask_error"],
+    }
 
 
 def _group_links(out_dir: Path, modalities: Sequence[str]) -> list[tuple[str, str]]:
@@ -210,6 +295,7 @@ def write_subject_report(
     figure_format: str = "svg",
     dpi: int | None = None,
     max_bytes: int = MAX_REPORT_BYTES,
+    volumes: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> Path:
     """Write ``<out_dir>/sub-<subject>.html`` and its figures under ``<out_dir>/sub-<subject>/figures/``.
 
@@ -218,7 +304,10 @@ def write_subject_report(
     0.5); ``display_floor`` the overlay value under which the map is transparent (default
     ``min(0.2, threshold / 2)``). ``figure_format`` is ``svg`` (rasterised image layers) or ``png``.
     When the report and its figures exceed ``max_bytes``, the figures are drawn again at a lower
-    resolution. Returns the path of the HTML file.
+    resolution. ``volumes`` (optional, ``{bids_name: {layer: image}}`` with layers ``image``,
+    ``probseg``, ``anomaly_mask``, ``brain_mask``, each a path or an in-memory nibabel image) lets a
+    caller that holds the arrays skip reading the files; missing layers are read from the result's
+    paths. Returns the path of the HTML file.
     """
     from . import figures
 
@@ -245,7 +334,7 @@ def write_subject_report(
             "rank_text": f"{result.rank} / {result.n_images}" if result.rank else "n/a",
             "source_text": None, "mask_text": None, "files": [],
             "anomaly_figure": None, "mask_figure": None, "anomaly_error": None, "mask_error": None,
-            "peak": None, "peak_value": None, "figure_paths": [],
+            "peak": None, "peak_value": None, "cuts": None, "figure_paths": [],
         }
         if result.ok:
             image_href = _file_row("input image", result.image_path, out_dir)
@@ -257,7 +346,9 @@ def write_subject_report(
                 _file_row("anomaly mask", result.anomaly_mask_path, out_dir),
                 mask_row,
             ) if row is not None]
-            _draw_figures(item, fig_dir, out_dir, fmt=figure_format, dpi=dpi, floor=floor, threshold=thr)
+            if not _use_drawn_figures(item, out_dir, figure_format, dpi):
+                _draw_figures(item, fig_dir, out_dir, fmt=figure_format, dpi=dpi, floor=floor, threshold=thr,
+                              given=(volumes or {}).get(result.bids_name))
         items.append(item)
 
     def _html() -> str:
@@ -283,7 +374,8 @@ def write_subject_report(
         LOGGER.info("sub-%s report is %.1f MB: drawing figures again at %d dpi", subject, total / 1e6, new_dpi)
         for item in items:
             if item["result"].ok:
-                _draw_figures(item, fig_dir, out_dir, fmt=figure_format, dpi=new_dpi, floor=floor, threshold=thr)
+                _draw_figures(item, fig_dir, out_dir, fmt=figure_format, dpi=new_dpi, floor=floor, threshold=thr,
+                              given=(volumes or {}).get(item["result"].bids_name))
         html = _html()
     write_text(report, html)
     return report

@@ -5,8 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 from ..bids.group_table import rank_and_percentile, table_row, write_group_table
-from ..core.scoring import musc_k
-from ..records import BatchScores, GroupSummary, ImageResult
+from ..records import BatchFacts, BatchScores, GroupSummary, ImageResult
 from .context import Ref, StageContext, stage
 
 __all__ = ["group", "ranked"]
@@ -23,30 +22,37 @@ def ranked(results: list[ImageResult]) -> list[ImageResult]:
 
 
 @stage("group", timing="reports")
-def group(ctx: StageContext, results: list[ImageResult], scores: Ref[BatchScores], modality: str) -> GroupSummary:
-    """Rank the batch, write its table and group report; the summary the subject reports read."""
+def group(ctx: StageContext, results: list[ImageResult], scores: list[Ref[BatchScores]],
+          modality: str) -> GroupSummary:
+    """Rank the modality's images, write its table and group report; the summary the subject
+    reports read."""
     from ..reports import write_group_report
     from ..reports.data import report_image
 
     settings = ctx.settings
-    batch = scores.load()
+    batches = sorted((BatchFacts.of(ref.load()) for ref in scores), key=lambda b: b.batch)
     results = ranked(results)
+    summary = GroupSummary(modality=modality, results=tuple(results), batches=tuple(batches))
     out_dir = settings.inputs.output_dir
     provenance = settings.provenance()
     write_group_table(out_dir, modality, [table_row(r) for r in results], provenance)
-    n_scored = len(batch.names)
-    summary = GroupSummary(
-        modality=modality, results=tuple(results), n_scored=n_scored, k=musc_k(n_scored, settings.method.fraction),
-        median=batch.median, scale=batch.scale, communities=batch.communities, timings=dict(batch.timings),
-    )
+    one = batches[0] if len(batches) == 1 else None
     facts = {
-        "B": n_scored, "K": summary.k, "fraction": settings.method.fraction,
+        "B": summary.n_scored, "K": one.k if one else ", ".join(str(b.k) for b in batches),
+        "batches": len(batches) if not one else None,
+        "batch sizes": None if one else ", ".join(str(len(b.names)) for b in batches),
+        "fraction": settings.method.fraction,
         "cube_size": settings.method.cube_size, "layers": list(settings.run.layers),
         "device": settings.execution.device, "threshold": settings.method.threshold,
-        "runtime_s": dict(batch.timings),
+        # one batch: its statistics place the threshold on the raw-score axis; several batches
+        # have several thresholds in raw units, so the plot shows none
+        "median": one.median if one else None, "scale": one.scale if one else None,
+        "z_center": settings.method.z_center,
+        "runtime_s": {f"scoring_s (batch {b.batch})" if not one else "scoring_s": b.timings.get("scoring_s", 0.0)
+                      for b in batches},
     }
     communities = [{"id": k + 1, "members": list(c.members), "n_suspicious": list(c.n_suspicious)}
-                   for k, c in enumerate(batch.communities)]
-    write_group_report(out_dir, modality, [report_image(r, out_dir, n_scored) for r in results], facts,
-                       communities, provenance)
+                   for k, c in enumerate(c for b in batches for c in b.communities)]
+    views = [report_image(r, out_dir, summary.batch_size(r.batch)) for r in results]
+    write_group_report(out_dir, modality, views, facts, communities, provenance)
     return summary

@@ -15,7 +15,7 @@ import nibabel as nib
 import numpy as np
 
 from ..atomic import write_json, write_nifti
-from ..records import BatchScores, ImageResult, PreparedImage
+from ..records import BatchScores, FigureSet, ImageResult, PreparedImage
 from .context import Ref, StageContext, stage
 from .inputs import load_inputs
 
@@ -25,18 +25,29 @@ __all__ = ["outputs"]
 
 
 @stage("outputs")
-def outputs(ctx: StageContext, prepared: PreparedImage, scores: Ref[BatchScores]) -> ImageResult:
-    """Write the outputs of one image; its :class:`ImageResult` (``ok``, ``skipped`` or ``failed``)."""
+def outputs(ctx: StageContext, prepared: PreparedImage, scores: list[Ref[BatchScores]]) -> ImageResult:
+    """Write the outputs of one image (scored in one of the modality's batches ``scores``); its
+    :class:`ImageResult` (``ok``, ``skipped`` or ``failed``)."""
     if not prepared.usable:
         return ImageResult(image=prepared.image, status="skipped", error=prepared.error)
     try:
-        return _write(ctx, prepared, scores.load())
+        return _write(ctx, prepared, batch_of(prepared.name, scores).load())
     except Exception as exc:
         if ctx.settings.execution.stop_on_first_crash:
             raise
         LOGGER.error("writing the outputs of %s failed: %s: %s", prepared.name, type(exc).__name__, exc,
                      exc_info=True)
         return ImageResult(image=prepared.image, status="failed", error=f"{type(exc).__name__}: {exc}")
+
+
+def batch_of(bids_name: str, scores: list[Ref[BatchScores]]) -> Ref[BatchScores]:
+    """The batch that scored ``bids_name`` (its names are read without the score arrays)."""
+    from ..records import load_fields
+
+    for ref in scores:
+        if bids_name in load_fields(ref.path, ("names",))["names"]:
+            return ref
+    raise KeyError(f"{bids_name} is in none of the {len(scores)} scoring batch(es)")
 
 
 def _write(ctx: StageContext, prepared: PreparedImage, scores: BatchScores) -> ImageResult:
@@ -74,12 +85,35 @@ def _write(ctx: StageContext, prepared: PreparedImage, scores: BatchScores) -> I
 
     voxel_volume = float(np.prod(loaded.native.header.get_zooms()[:3]))
     summary = subject_summary(raw, brain, voxel_volume, anomaly_mask=anomaly, affine=loaded.native.affine)
+    figures = _figures(ctx, image, loaded.native, probseg, anomaly, brain)
     return ImageResult(
         image=image, status="ok", score_max=summary.score_max, score_top1pct=summary.score_top1pct,
         brain_volume_mm3=summary.brain_volume_mm3, anomaly_volume_mm3=summary.anomaly_volume_mm3,
         n_components=summary.n_components, components=summary.components,
-        outside_fraction=prepared.outside_fraction,
+        outside_fraction=prepared.outside_fraction, batch=scores.batch, figures=figures,
     )
+
+
+def _figures(ctx: StageContext, image, native: nib.Nifti1Image, probseg: np.ndarray, anomaly: np.ndarray,
+             brain: np.ndarray) -> FigureSet:
+    """The subject report's figures of this image, drawn now from the arrays in memory."""
+    from ..reports.data import report_image
+    from ..reports.subject import draw_figures
+
+    affine = native.affine
+    volumes = {
+        "image": native, "probseg": nib.Nifti1Image(probseg, affine),
+        "anomaly_mask": nib.Nifti1Image(anomaly.astype(np.uint8), affine),
+        "brain_mask": nib.Nifti1Image(brain.astype(np.uint8), affine),
+    }
+    out_dir = ctx.settings.inputs.output_dir
+    view = report_image(ImageResult(image=image, status="ok"), out_dir, 0)
+    drawn = draw_figures(view, out_dir, volumes, threshold=ctx.settings.method.threshold)
+    cuts = {k: [float(v) for v in values] for k, values in (drawn["cuts"] or {}).items()} or None
+    peak = tuple(float(v) for v in drawn["peak_mm"]) if drawn["peak_mm"] is not None else None
+    return FigureSet(anomaly=drawn["anomaly"], mask=drawn["mask"], peak_mm=peak,
+                     peak_value=None if drawn["peak_value"] is None else float(drawn["peak_value"]), cuts=cuts,
+                     anomaly_error=drawn["anomaly_error"], mask_error=drawn["mask_error"])
 
 
 def _write_map(path: Path, data: np.ndarray, native: nib.Nifti1Image, header, dtype) -> None:

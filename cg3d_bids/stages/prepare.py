@@ -11,6 +11,7 @@ import logging
 
 import numpy as np
 
+from ..atomic import atomic_path
 from ..errors import InputDataError
 from ..hashing import file_sha256
 from ..records import ImageRecord, PreparedImage
@@ -20,7 +21,13 @@ from .inputs import load_inputs
 
 LOGGER = logging.getLogger("cg3d")
 
-__all__ = ["prepare", "prepare_key"]
+__all__ = ["prepare", "prepare_key", "save_cube_values"]
+
+
+def save_cube_values(path, values: np.ndarray) -> None:
+    """The cube's brain intensities (mask order), so that ``tokenize`` does not build the cube again."""
+    with atomic_path(path, suffix=".npy") as tmp:
+        np.save(tmp, np.asarray(values, dtype=np.float32))
 
 
 def prepare_key(ctx: StageContext, image: ImageRecord) -> str:
@@ -60,6 +67,7 @@ def _prepare(ctx: StageContext, image: ImageRecord, key: str) -> PreparedImage:
                              fix="check the brain mask (or use --mask-source nonzero / skullstrip)")
     percentiles = image_landmarks(brain, PERCENTILES)
     check_landmarks(percentiles, image.bids_name, str(image.path))
+    save_cube_values(ctx.cache.cube_path(image, key), brain)
     return PreparedImage(
         image=image, key=key, percentiles=tuple(float(v) for v in percentiles),
         cube_size=method.cube_size, cube_affine=np.asarray(cube.affine, dtype=np.float64),

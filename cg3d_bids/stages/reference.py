@@ -39,6 +39,7 @@ import numpy as np
 from ..errors import Cg3dError, InputDataError
 from ..hashing import file_sha256
 from ..records import (
+    BatchFacts,
     BatchScores,
     GroupSummary,
     ImageResult,
@@ -70,6 +71,8 @@ REFERENCE_COLUMNS: dict[str, dict[str, Any]] = {
                 "Levels": {"true": "anomalous by the threshold", "false": "not anomalous"},
                 "Description": "Whether the binary anomaly mask (probseg > threshold, probseg calibrated with the "
                 "bank's brain-token median and scale) is not empty"},
+    "batch": {"LongName": "Scoring batch", "Format": "integer",
+              "Description": "n/a: each image is scored against the reference bank on its own, not in a batch"},
     "bank_images": {"LongName": "Reference images", "Format": "integer", "Minimum": 1,
                     "Description": "Bank images the image was compared with (an image that is itself in the bank "
                     "is not compared with itself)"},
@@ -84,15 +87,19 @@ REFERENCE_COLUMNS: dict[str, dict[str, Any]] = {
 # group --save-reference
 @stage("save_reference", timing="outputs")
 def save_reference(ctx: StageContext, tokens: list[Ref[ImageTokens]], landmarks: Landmarks,
-                   scores: Ref[BatchScores], summary: GroupSummary, modality: str) -> ReferenceEntry:
-    """Write the modality's part of the bank (``--save-reference``) into its staging folder."""
+                   scores: list[Ref[BatchScores]], summary: GroupSummary, modality: str) -> ReferenceEntry:
+    """Write the modality's part of the bank (``--save-reference``; the modality scored as ONE
+    batch) into its staging folder."""
     from ..reference import staging_dir, write_modality
 
     settings = ctx.settings
     assert settings.execution.save_reference is not None
+    if len(scores) != 1:
+        raise Cg3dError(f"--save-reference saves one scoring batch per modality; {modality} was scored in "
+                        f"{len(scores)}", fix="drop --batch-size when saving a reference bank")
     start = time.monotonic()
     staging = staging_dir(settings.execution.save_reference, settings.run.run_id)
-    batch = scores.load()
+    batch = scores[0].load()
     files = {str(load_fields(ref.path, ("bids_name",))["bids_name"]): ref.path for ref in tokens}
     results = {r.image.bids_name: r for r in summary.results}
     sha256 = {name: file_sha256(results[name].image.path) if name in results else None for name in batch.names}
@@ -144,10 +151,11 @@ def reference_tokenize(ctx: StageContext, prepared: list[PreparedImage],
 
 @stage("reference_score", timing="score")
 def reference_score(ctx: StageContext, tokens: list[Ref[ImageTokens]], prepared: list[PreparedImage],
-                    modality: str) -> BatchScores:
+                    modality: str) -> list[Ref[BatchScores]]:
     """MuSc scores of each image of ``prepared`` that has tokens against the bank's images, per layer
     and averaged; ``median``/``scale`` are the bank's (probseg is calibrated with them). Cached by
-    the bank's checksum, the token files and the score settings."""
+    the bank's checksum, the token files and the score settings. One record (a list, as the batch
+    stages give the outputs stage)."""
     bank = run_bank(ctx)
     entry = bank.modality(modality)
     refs = {str(load_fields(ref.path, ("bids_name",))["bids_name"]): ref for ref in tokens}
@@ -159,8 +167,10 @@ def reference_score(ctx: StageContext, tokens: list[Ref[ImageTokens]], prepared:
                            fix="see the warnings above: every image was skipped")
     selves = [entry.index_of_sha256(file_sha256(p.image.path)) for p in images]
     key = ctx.settings.key(Affects.SCORES, bank.checksum, [refs[p.image.bids_name].path.name for p in images], selves)
-    return ctx.cache.cached(ctx.cache.scores_path(modality, key), BatchScores,
-                            lambda: _score(ctx, entry, [refs[p.image.bids_name] for p in images], selves, key))
+    path = ctx.cache.scores_path(modality, key)
+    ctx.cache.cached(path, BatchScores,
+                     lambda: _score(ctx, entry, [refs[p.image.bids_name] for p in images], selves, key))
+    return [Ref(path, BatchScores)]
 
 
 def _score(ctx: StageContext, entry: Any, refs: list[Ref[ImageTokens]], selves: list[int | None],
@@ -200,7 +210,8 @@ def _score(ctx: StageContext, entry: Any, refs: list[Ref[ImageTokens]], selves: 
     assert per_layer is not None and valid is not None
     stats = entry.stats
     return BatchScores(
-        modality=entry.modality, key=key, names=tuple(names), grid=entry.grid, scores=per_layer.mean(axis=0),
+        modality=entry.modality, key=key, names=tuple(names), grid=entry.grid, k=entry.k(fraction),
+        scores=per_layer.mean(axis=0),
         per_layer=per_layer, valid=valid, suspicious=np.zeros(valid.shape, dtype=np.int32),
         median=float(stats["median"]), scale=float(stats["scale"]),
         timings={"scoring_s": time.monotonic() - start},
@@ -217,7 +228,7 @@ def _check_tokens(item: ImageTokens, entry: Any) -> None:
 
 
 @stage("reference_group", timing="reports")
-def reference_group(ctx: StageContext, results: list[ImageResult], scores: Ref[BatchScores],
+def reference_group(ctx: StageContext, results: list[ImageResult], scores: list[Ref[BatchScores]],
                     modality: str) -> GroupSummary:
     """Rank each scored image against the bank's own images; write ``reference_<mod>.tsv``/``.json``
     (rows of earlier runs into the same output folder are kept; this run's images replace theirs)."""
@@ -226,14 +237,16 @@ def reference_group(ctx: StageContext, results: list[ImageResult], scores: Ref[B
     settings = ctx.settings
     bank = run_bank(ctx)
     entry = bank.modality(modality)
-    batch = scores.load()
-    ranked, extra = [], {}
+    batch = scores[0].load()
+    ranked, extra, new = [], {}, []
     for result in results:
         if result.ok and result.score_max is not None:
             rank, percentile, _n = entry.rank(result.score_max)
             result = dataclasses.replace(result, rank=rank, score_percentile=percentile)
             self_in_bank = entry.index_of_sha256(file_sha256(result.image.path)) is not None
             n_refs = entry.size - 1 if self_in_bank else entry.size
+            if not self_in_bank:
+                new.append(result.image.bids_name)
             extra[result.image.bids_name] = {"bank_images": n_refs,
                                              "k": reference_k(entry.size, settings.method.fraction, self_in_bank),
                                              "reference_checksum": bank.checksum}
@@ -249,9 +262,10 @@ def reference_group(ctx: StageContext, results: list[ImageResult], scores: Ref[B
             })
         ranked.append(result)
     _write_table(settings.inputs.output_dir, modality, ranked, extra, settings.provenance())
-    return GroupSummary(modality=modality, results=tuple(ranked), n_scored=entry.size + 1,
-                        k=reference_k(entry.size, settings.method.fraction), median=batch.median, scale=batch.scale,
-                        timings=dict(batch.timings))
+    # the reports' "rank r of n": n = the bank's images and the new one (exact for one new image)
+    facts = BatchFacts(batch=batch.batch, names=(*entry.names, *new), k=batch.k, median=batch.median,
+                       scale=batch.scale, timings=dict(batch.timings))
+    return GroupSummary(modality=modality, results=tuple(ranked), batches=(facts,))
 
 
 def _annotate_sidecar(out_dir: Path, result: ImageResult, facts: dict[str, Any]) -> None:
@@ -293,7 +307,8 @@ def _write_table(out_dir: Path, modality: str, results: list[ImageResult], extra
     with _locked(out_dir / f".reference_{modality}.lock"):
         rows = {row["bids_name"]: row for row in (read_group_table(tsv) if tsv.exists() else [])}
         for result in results:
-            rows[result.image.bids_name] = {**table_row(result), **extra.get(result.image.bids_name, {})}
+            rows[result.image.bids_name] = {**table_row(result), "batch": None,
+                                            **extra.get(result.image.bids_name, {})}
         ordered = [rows[name] for name in sorted(rows)]
         columns = columns_for(ordered)
         lines = ["\t".join(columns)] + ["\t".join(format_value(row.get(c)) for c in columns) for row in ordered]

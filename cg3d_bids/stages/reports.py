@@ -27,7 +27,7 @@ def subject_reports(ctx: StageContext, groups: list[GroupSummary], subjects: lis
         for result in summary.results:
             if result.image.subject in wanted:
                 per_subject.setdefault(result.image.subject, []).append(
-                    report_image(result, out_dir, summary.n_scored))
+                    report_image(result, out_dir, summary.batch_size(result.batch)))
     provenance = ctx.settings.provenance()
     written = []
     start = time.monotonic()

@@ -15,21 +15,22 @@ from .context import Ref, StageContext, limit_threads, stage
 
 LOGGER = logging.getLogger("cg3d")
 
-__all__ = ["score"]
+__all__ = ["batch_scores", "score"]
 
 
 @stage("score")
-def score(ctx: StageContext, tokens: list[Ref[ImageTokens]], order: list[str], modality: str) -> BatchScores:
-    """Scores of the images of ``tokens`` in batch ``order`` (bids names; images without tokens,
-    i.e. skipped as bad data, are left out of the batch)."""
+def score(ctx: StageContext, tokens: list[Ref[ImageTokens]], order: list[str], modality: str,
+          batch: int = 1) -> BatchScores:
+    """Scores of the images of ``order`` (bids names, batch order: chunk ``batch`` of the modality);
+    images without tokens (skipped as bad data) are left out of the batch."""
     refs = {_name_of(ref): ref for ref in tokens}
-    batch = [refs[name] for name in order if name in refs]
-    if not batch:
-        raise BatchTooSmallError(f"no {modality} image has tokens to score",
+    members = [refs[name] for name in order if name in refs]
+    if not members:
+        raise BatchTooSmallError(f"no {modality} image of batch {batch} has tokens to score",
                                  fix="see the warnings above: every image was skipped")
-    key = ctx.settings.key(Affects.SCORES, [ref.path.name for ref in batch])
+    key = ctx.settings.key(Affects.SCORES, [ref.path.name for ref in members], batch)
     return ctx.cache.cached(ctx.cache.scores_path(modality, key), BatchScores,
-                            lambda: _score(ctx, batch, modality, key))
+                            lambda: _score(ctx, members, modality, key, batch))
 
 
 def _name_of(ref: Ref[ImageTokens]) -> str:
@@ -53,16 +54,15 @@ def _load_batch(batch: list[Ref[ImageTokens]]) -> tuple[tuple[str, ...], np.ndar
     return tuple(names), tokens, valid
 
 
-def _score(ctx: StageContext, batch: list[Ref[ImageTokens]], modality: str, key: str) -> BatchScores:
-    from ..core.maps import robust_stats
+def _score(ctx: StageContext, members: list[Ref[ImageTokens]], modality: str, key: str,
+           batch: int) -> BatchScores:
     from ..core.scoring import codegraph_scores, mutual_scores
 
     limit_threads()
     settings, execution = ctx.settings, ctx.settings.execution
-    names, tokens, valid = _load_batch(batch)
+    names, tokens, valid = _load_batch(members)
     per_layer = np.zeros((tokens.shape[0],) + valid.shape, dtype=np.float32)
-    suspicious = np.zeros(valid.shape, dtype=np.int32)
-    communities: list[list[int]] = []
+    suspicious, communities = [], []
     codegraph = settings.codegraph_settings
     t0 = time.monotonic()
     for layer in range(tokens.shape[0]):
@@ -71,23 +71,43 @@ def _score(ctx: StageContext, batch: list[Ref[ImageTokens]], modality: str, key:
             scores, details = codegraph_scores(tokens[layer], valid, fraction=settings.method.fraction,
                                                settings=codegraph, device=execution.device,
                                                block_mb=execution.score_chunk_mb, return_details=True)
-            suspicious += np.asarray(details.suspicious, dtype=np.int32)
-            for community in details.communities:
-                if sorted(community) not in communities:
-                    communities.append(sorted(community))
+            suspicious.append(np.asarray(details.suspicious))
+            communities.append(details.communities)
         else:
             scores = mutual_scores(tokens[layer], valid, fraction=settings.method.fraction,
                                    device=execution.device, block_mb=execution.score_chunk_mb)
         per_layer[layer] = np.asarray(scores, dtype=np.float32)
         LOGGER.info("[scores %s] layer %d/%d: %d images in %.1f s", modality, layer + 1, tokens.shape[0],
-                    len(batch), time.monotonic() - tl)
+                    len(members), time.monotonic() - tl)
+    return batch_scores(modality, key, batch, names, valid, per_layer, suspicious, communities,
+                        settings.method.fraction, {"scoring_s": time.monotonic() - t0})
+
+
+def batch_scores(modality: str, key: str, batch: int, names: tuple[str, ...], valid: np.ndarray,
+                 per_layer: np.ndarray, suspicious: list[np.ndarray], communities: list[list[list[int]]],
+                 fraction: float, timings: dict[str, float]) -> BatchScores:
+    """The :class:`BatchScores` record of per-layer scores (L, B, N) and, with the consistent-
+    anomaly stage, each layer's suspicious tokens (B, N) and communities (image indices): layers
+    averaged, the batch's robust statistics, suspicious counts and the union of the communities."""
+    from ..core.maps import robust_stats
+    from ..core.scoring import musc_k
+
     mean = per_layer.mean(axis=0)
     median, scale = robust_stats(mean[valid])
-    counts = suspicious.sum(axis=1)
+    counts = np.zeros(valid.shape, dtype=np.int32)
+    for flags in suspicious:
+        counts += np.asarray(flags, dtype=np.int32)
+    groups: list[list[int]] = []
+    for layer in communities:
+        for community in layer:
+            if sorted(community) not in groups:
+                groups.append(sorted(community))
+    per_image = counts.sum(axis=1)
     return BatchScores(
-        modality=modality, key=key, names=names, grid=round(valid.shape[1] ** (1 / 3)), scores=mean, per_layer=per_layer, valid=valid,
-        suspicious=suspicious, median=median, scale=scale,
+        modality=modality, key=key, names=tuple(names), grid=round(valid.shape[1] ** (1 / 3)),
+        k=musc_k(len(names), fraction), batch=batch, scores=mean, per_layer=per_layer, valid=valid,
+        suspicious=counts, median=median, scale=scale,
         communities=tuple(Community(members=tuple(names[i] for i in group),
-                                    n_suspicious=tuple(int(counts[i]) for i in group)) for group in communities),
-        timings={"scoring_s": time.monotonic() - t0},
+                                    n_suspicious=tuple(int(per_image[i]) for i in group)) for group in groups),
+        timings=timings,
     )

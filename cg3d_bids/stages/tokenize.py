@@ -64,6 +64,7 @@ def tokenize_images(ctx: StageContext, usable: list[PreparedImage], landmarks: L
                 info={k: v for k, v in tok.info.items() if isinstance(v, (int, float, str)) or v is None},
             )
             ctx.cache.store(record)
+            ctx.cache.cube_path(prep.image, prep.key).unlink(missing_ok=True)  # tokens exist now
             elapsed = time.time() - start
             LOGGER.info("[tokens %s %d/%d] %s in %.1f s (elapsed %.0f s, about %.0f s left)",
                         landmarks.modality, done, len(todo), prep.image.bids_name, time.monotonic() - t0,
@@ -75,14 +76,31 @@ def tokenize_images(ctx: StageContext, usable: list[PreparedImage], landmarks: L
 
 def standardised_cube(ctx: StageContext, prepared: PreparedImage, landmarks: Landmarks) -> np.ndarray:
     """The image's cube with Nyul-standardised intensities (what the encoder sees)."""
-    from ..core.preprocessing import make_cube, standardise
+    from ..core.preprocessing import standardise
+
+    mask = prepared.cube_mask()
+    data = np.zeros(mask.shape, dtype=np.float32)
+    data[mask] = _cube_values(ctx, prepared, mask)
+    return standardise(data, mask, np.asarray(landmarks.landmarks), landmarks.percentiles,
+                       source=str(prepared.image.path))
+
+
+def _cube_values(ctx: StageContext, prepared: PreparedImage, mask: np.ndarray) -> np.ndarray:
+    """The brain intensities of the cube ``prepare`` built (read back), or the cube built again."""
+    path = ctx.cache.cube_path(prepared.image, prepared.key)
+    try:
+        values = np.load(path)
+        if values.shape == (int(mask.sum()),):
+            return values
+    except (OSError, ValueError):  # removed after tokenizing, or unreadable: build it again
+        pass
+    from ..core.preprocessing import make_cube
 
     method = ctx.settings.method
     loaded = load_inputs(ctx, prepared.image)
     cube = make_cube(loaded.canonical, loaded.mask, size=method.cube_size, fov_mm=method.fov_mm,
                      warn_outside=False)
-    return standardise(cube.data, cube.mask, np.asarray(landmarks.landmarks), landmarks.percentiles,
-                       source=str(prepared.image.path))
+    return cube.data[cube.mask]
 
 
 def _prefetched_cubes(ctx: StageContext, todo: list[PreparedImage], landmarks: Landmarks) -> Iterator[np.ndarray]:

@@ -5,7 +5,7 @@ Per modality batch::
     prepare (MapNode, one per image of the landmark cohort)
       -> landmarks (Nyul, learned from the cohort)
       -> tokenize (MapNode over chunks of the selected images; GPU node on CUDA)
-      -> score (the whole batch)                                             [group only]
+      -> score (MapNode, one per scoring batch: --batch-size chunks)         [group only]
       -> outputs (MapNode, one per image)                                    [group only]
       -> group (table + group report)                                        [group only]
     all modalities -> subject reports (MapNode over chunks of subjects)      [group only]
@@ -80,6 +80,7 @@ def init_cg3d_wf(
     selected: dict[str, list[tuple[str, Path]]],
     cohort: dict[str, list[tuple[str, Path]]],
     subjects: list[str],
+    batches: dict[str, list[tuple[int, list[str]]]] | None = None,
     use_gpu: bool,
     n_chunks: int,
     base_dir: Path,
@@ -88,8 +89,9 @@ def init_cg3d_wf(
 
     ``selected`` / ``cohort``: per modality, ``(bids_name, stored ImageRecord path)`` in batch
     order (the images to process / every image of the modality, for the landmarks);
-    ``subjects``: labels of the subject reports; ``n_chunks``: parallel chunks of the tokenize
-    (CPU) and reports map nodes.
+    ``subjects``: labels of the subject reports; ``batches``: per modality, the scoring batches
+    ``(number, bids names)`` (default: batch 1 of every selected image); ``n_chunks``: parallel chunks of
+    the tokenize (CPU) and reports map nodes.
     """
     wf = pe.Workflow(name="cg3d_wf", base_dir=str(base_dir))
     config = str(settings_file)
@@ -116,8 +118,11 @@ def init_cg3d_wf(
         ])
         if analysis_level != "group":
             continue
-        score = pe.Node(ScoreBatch(settings_file=config, order=names, modality=modality, use_gpu=use_gpu),
-                        name=f"score_{modality}")
+        scoring = (batches or {}).get(modality) or [(1, names)]
+        score = pe.MapNode(ScoreBatch(settings_file=config, modality=modality, use_gpu=use_gpu),
+                           iterfield=["order", "batch"], name=f"score_{modality}")
+        score.inputs.order = [members for _, members in scoring]
+        score.inputs.batch = [number for number, _ in scoring]
         outputs = pe.MapNode(WriteImageOutputs(settings_file=config), iterfield=["prepared"],
                              name=f"outputs_{modality}")
         group = pe.Node(WriteGroupOutputs(settings_file=config, modality=modality), name=f"group_{modality}")

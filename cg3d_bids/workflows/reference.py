@@ -29,6 +29,7 @@ from ..interfaces.stage import (
     WriteImageOutputs,
     WriteSubjectReports,
 )
+from ..errors import UsageError
 from .base import chunks, select_prepared
 
 __all__ = ["connect_save_reference", "init_reference_wf"]
@@ -73,9 +74,9 @@ def init_reference_wf(
             (tokenize, score, [("out_files", "tokens")]),
             (select, score, [("ordered", "prepared")]),
             (select, outputs, [("ordered", "prepared")]),
-            (score, outputs, [("out_file", "scores")]),
+            (score, outputs, [("out_files", "scores")]),
             (outputs, group, [("out_file", "results")]),
-            (score, group, [("out_file", "scores")]),
+            (score, group, [("out_files", "scores")]),
         ])
         groups.append(group)
     reports = pe.MapNode(WriteSubjectReports(settings_file=config), iterfield=["subjects"], name="subject_reports")
@@ -87,9 +88,18 @@ def init_reference_wf(
     return wf
 
 
-def connect_save_reference(wf: pe.Workflow, settings_file: Path, modalities: list[str]) -> pe.Workflow:
-    """Add a ``save_reference`` node per modality to the group graph (after its group node)."""
+def connect_save_reference(wf: pe.Workflow, settings_file: Path, modalities: list[str],
+                           batches: dict[str, list[tuple[int, list[str]]]] | None = None) -> pe.Workflow:
+    """Add a ``save_reference`` node per modality to the group graph (after its group node).
+
+    A bank is one MuSc batch: a modality scored in several chunks (``--batch-size``) is refused."""
     config = str(settings_file)
+    for modality, chunks_ in (batches or {}).items():
+        if len(chunks_) > 1:
+            raise UsageError(f"--save-reference saves one scoring batch per modality, but --batch-size splits "
+                             f"{modality} into {len(chunks_)} batches",
+                             fix="drop --batch-size (or raise it above the modality's number of images) when "
+                             "saving a reference bank")
     for modality in modalities:
         nodes = {name: wf.get_node(f"{name}_{modality}") for name in ("tokenize", "landmarks", "score", "group")}
         missing = [name for name, node in nodes.items() if node is None]

@@ -19,10 +19,10 @@ from dataclasses import dataclass
 
 import nibabel as nib
 import numpy as np
-from scipy import ndimage
 
 from ...errors import InputDataError
 from .io import source_name
+from .resample import axis_aligned, resample, resample_mask, resample_where, voxel_to_world
 
 LOGGER = logging.getLogger("cg3d")
 
@@ -42,15 +42,25 @@ class Cube:
     center: np.ndarray | None = None  # world mm of the cube centre (brain bbox centre)
 
 
-def voxel_to_world(ijk: np.ndarray, affine: np.ndarray) -> np.ndarray:
-    """World coordinates (N, 3) of voxel coordinates (N, 3) under a 4x4 affine."""
-    return np.asarray(ijk, dtype=np.float64) @ affine[:3, :3].T + affine[:3, 3]
-
-
-def brain_bbox_center(mask: np.ndarray, affine: np.ndarray) -> np.ndarray:
-    """Centre (world mm) of the world-axis-aligned bounding box of the mask's voxel centres."""
-    world = voxel_to_world(np.argwhere(mask), affine)
+def brain_bbox_center(mask: np.ndarray, affine: np.ndarray, *, ijk: np.ndarray | None = None) -> np.ndarray:
+    """Centre (world mm) of the world-axis-aligned bounding box of the mask's voxel centres
+    (``ijk``: ``np.argwhere(mask)`` when the caller has it already)."""
+    if axis_aligned(affine):  # world x, y, z follow voxel i, j, k: the extremes are the index extremes
+        spans = _index_spans(mask)
+        ends = np.array([[spans[h][0] for h in range(3)], [spans[h][1] for h in range(3)]], dtype=np.float64)
+        world = voxel_to_world(ends, affine)
+    else:
+        world = voxel_to_world(np.argwhere(mask) if ijk is None else ijk, affine)
     return (world.min(axis=0) + world.max(axis=0)) / 2.0
+
+
+def _index_spans(mask: np.ndarray) -> list[tuple[int, int]]:
+    """First and last index of the mask along each axis."""
+    spans = []
+    for axis in range(3):
+        hits = np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != axis)))
+        spans.append((int(hits[0]), int(hits[-1])))
+    return spans
 
 
 def cube_affine(center: np.ndarray, size: int, fov_mm: float) -> np.ndarray:
@@ -61,20 +71,22 @@ def cube_affine(center: np.ndarray, size: int, fov_mm: float) -> np.ndarray:
     return affine
 
 
-def fraction_outside(mask: np.ndarray, affine: np.ndarray, cube_aff: np.ndarray, size: int) -> float:
-    """Fraction of the mask's voxel centres that fall outside the cube's extent."""
-    ijk = np.argwhere(mask)
-    coords = voxel_to_world(ijk, np.linalg.inv(cube_aff) @ affine)
+def fraction_outside(mask: np.ndarray, affine: np.ndarray, cube_aff: np.ndarray, size: int, *,
+                     ijk: np.ndarray | None = None) -> float:
+    """Fraction of the mask's voxel centres that fall outside the cube's extent (``ijk``: as in
+    :func:`brain_bbox_center`)."""
+    to_cube = np.linalg.inv(cube_aff) @ affine
+    if axis_aligned(to_cube):  # the inside test separates by axis: count the mask in the inside box
+        inside = []
+        for h in range(3):
+            c = np.arange(mask.shape[h], dtype=np.float64) * to_cube[h, h] + to_cube[h, 3]
+            inside.append((c >= -0.5) & (c <= size - 0.5))
+        kept = np.count_nonzero(mask & inside[0][:, None, None] & inside[1][None, :, None] & inside[2][None, None, :])
+        return float(1.0 - kept / np.count_nonzero(mask))
+    ijk = np.argwhere(mask) if ijk is None else ijk
+    coords = voxel_to_world(ijk, to_cube)
     inside = np.all((coords >= -0.5) & (coords <= size - 0.5), axis=1)
     return float(1.0 - inside.mean())
-
-
-def resample(data: np.ndarray, vox2vox: np.ndarray, shape: tuple[int, ...], order: int) -> np.ndarray:
-    """Sample ``data`` at ``vox2vox @ output_voxel`` (0 outside); order 0 nearest, 1 linear."""
-    return ndimage.affine_transform(
-        data, vox2vox[:3, :3], offset=vox2vox[:3, 3], output_shape=tuple(shape), order=order,
-        mode="constant", cval=0.0, prefilter=False,
-    )
 
 
 def make_cube(image: nib.Nifti1Image, mask: np.ndarray, *, size: int = 224, fov_mm: float = 156.0,
@@ -96,17 +108,17 @@ def make_cube(image: nib.Nifti1Image, mask: np.ndarray, *, size: int = 224, fov_
     if not mask.any():
         raise InputDataError("the brain mask is empty", path=source_name(image),
                              fix="check the brain mask (or use --mask-source nonzero / skullstrip)")
-    center = brain_bbox_center(mask, image.affine)
+    ijk = None if axis_aligned(image.affine) else np.argwhere(mask)
+    center = brain_bbox_center(mask, image.affine, ijk=ijk)
     affine = cube_affine(center, size, fov_mm)
     vox2vox = np.linalg.inv(image.affine) @ affine
     shape = (size, size, size)
-    cube_mask = resample(mask.astype(np.uint8), vox2vox, shape, order=0).astype(bool)
+    cube_mask = resample_mask(mask, vox2vox, shape)
     if not cube_mask.any():
         raise InputDataError("the brain mask vanishes in the cube (mask much smaller than a cube voxel)",
                              path=source_name(image), fix="check the brain mask and --fov-mm/--cube-size")
-    cube_data = resample(data, vox2vox, shape, order=order).astype(np.float32, copy=False)
-    cube_data[~cube_mask] = 0.0
-    outside = fraction_outside(mask, image.affine, affine, size)
+    cube_data = resample_where(data, vox2vox, cube_mask, order=order).astype(np.float32, copy=False)
+    outside = fraction_outside(mask, image.affine, affine, size, ijk=ijk)
     if warn_outside and outside > OUTSIDE_WARN_FRACTION:
         LOGGER.warning("%.1f %% of the brain of %s falls outside the %g mm cube (increase --fov-mm?)",
                        100 * outside, source_name(image), fov_mm)
@@ -126,10 +138,9 @@ def cube_to_native(cube_map: np.ndarray, cube_affine: np.ndarray, native_img: ni
         raise ValueError(f"cube_map must be 3D, got shape {cube_map.shape}")
     shape = tuple(int(n) for n in native_img.shape[:3])
     vox2vox = np.linalg.inv(np.asarray(cube_affine, dtype=np.float64)) @ native_img.affine
-    out = resample(cube_map, vox2vox, shape, order=1).astype(np.float32, copy=False)
-    if mask_native is not None:
-        mask_native = np.asarray(mask_native, dtype=bool)
-        if mask_native.shape != shape:
-            raise ValueError(f"mask_native shape {mask_native.shape} != native shape {shape}")
-        out[~mask_native] = 0.0
-    return out
+    if mask_native is None:
+        return resample(cube_map, vox2vox, shape, order=1).astype(np.float32, copy=False)
+    mask_native = np.asarray(mask_native, dtype=bool)
+    if mask_native.shape != shape:
+        raise ValueError(f"mask_native shape {mask_native.shape} != native shape {shape}")
+    return resample_where(cube_map, vox2vox, mask_native, order=1).astype(np.float32, copy=False)

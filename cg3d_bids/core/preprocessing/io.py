@@ -29,6 +29,7 @@ import numpy as np
 from scipy import ndimage
 
 from ...errors import InputDataError, NoInputError
+from .resample import resample_mask
 
 LOGGER = logging.getLogger("cg3d")
 
@@ -115,41 +116,62 @@ def load_image_pair(path: PathLike) -> tuple[nib.Nifti1Image, nib.Nifti1Image]:
 
 
 def _read_image(path: Path) -> nib.spatialimages.SpatialImage:
+    """The image of ``path``; a ``.gz`` file is inflated once, in memory, to its end, so that gzip
+    verifies its length and CRC-32 (nibabel alone stops after the voxel data and would accept a
+    damaged stream that still inflates) and the voxels are not inflated a second time."""
+    if path.name.endswith(".gz"):
+        return _from_bytes(_inflate(path), path)
     try:
         return nib.load(str(path))
     except Exception as exc:  # nibabel raises many types (ImageFileError, OSError, ValueError...)
-        raise InputDataError(
-            f"cannot read the image ({type(exc).__name__}: {exc})", path=path,
-            fix="check that the file is a valid NIfTI-1/2 image (.nii or .nii.gz); re-export or "
-                "re-download it",
-        ) from exc
+        raise _unreadable(exc, path) from exc
+
+
+def _inflate(path: Path) -> bytes:
+    import gzip
+    import zlib
+
+    data = path.read_bytes()
+    if data[:2] != b"\x1f\x8b":
+        raise _unreadable(ValueError("not a gzip stream (it does not start with the gzip magic bytes)"), path)
+    try:
+        return gzip.decompress(data)
+    except (OSError, EOFError, zlib.error) as exc:  # BadGzipFile is an OSError
+        raise _corrupt(exc, path) from exc
+
+
+def _from_bytes(data: bytes, path: Path) -> nib.spatialimages.SpatialImage:
+    errors = []
+    for kind in (nib.Nifti1Image, nib.Nifti2Image):
+        try:
+            image = kind.from_bytes(data)
+            image.set_filename(str(path))
+            return image
+        except Exception as exc:  # not this NIfTI flavour (or not NIfTI at all)
+            errors.append(exc)
+    raise _unreadable(errors[0], path) from errors[0]
+
+
+def _unreadable(exc: BaseException, path: Path) -> InputDataError:
+    return InputDataError(
+        f"cannot read the image ({type(exc).__name__}: {exc})", path=path,
+        fix="check that the file is a valid NIfTI-1/2 image (.nii or .nii.gz); re-export or re-download it",
+    )
+
+
+def _corrupt(exc: BaseException, path: Path) -> InputDataError:
+    return InputDataError(
+        f"the image data cannot be read: the file is truncated or corrupt ({type(exc).__name__}: {exc})",
+        path=path, fix="re-copy or re-download the file (e.g. `gzip -t FILE` tests a .nii.gz)",
+    )
 
 
 def _read_data(image: nib.spatialimages.SpatialImage, path: Path) -> np.ndarray:
-    """Read every voxel (detects truncated and corrupt files), as float32.
-
-    A ``.gz`` file is also read to its end so that gzip checks its CRC: nibabel stops after the
-    voxel data and would accept a damaged stream that still inflates.
-    """
+    """Read every voxel (detects truncated files), as float32."""
     try:
-        if path.name.endswith(".gz"):
-            _check_gzip_stream(path)
         return np.asarray(image.get_fdata(dtype=np.float32))
-    except Exception as exc:  # EOFError, zlib.error, BadGzipFile, ValueError for short files
-        raise InputDataError(
-            f"the image data cannot be read: the file is truncated or corrupt "
-            f"({type(exc).__name__}: {exc})", path=path,
-            fix="re-copy or re-download the file (e.g. `gzip -t FILE` tests a .nii.gz)",
-        ) from exc
-
-
-def _check_gzip_stream(path: Path) -> None:
-    """Inflate the whole file (in blocks) so gzip verifies its length and CRC-32."""
-    import gzip
-
-    with gzip.open(path, "rb") as fh:
-        while fh.read(1 << 24):
-            pass
+    except Exception as exc:  # EOFError, zlib.error, ValueError for short files
+        raise _corrupt(exc, path) from exc
 
 
 def _as_3d(data: np.ndarray, path: Path) -> np.ndarray:
@@ -247,7 +269,7 @@ def map_mask_to_image(mask_path: PathLike, image: nib.Nifti1Image, *, brain: boo
                 f"the brain mask does not overlap the image in world space: only {inside:.1%} of its "
                 f"voxels fall inside the image's field of view ({pair})", path=mask_path, fix=_MASK_FIX,
             )
-        mapped = resample_mask(mask_data, mask_can.affine, image.affine, shape)
+        mapped = resample_mask(mask_data, np.linalg.inv(mask_can.affine) @ image.affine, shape)
         LOGGER.info("mask %s resampled (nearest neighbour) from grid %s to the grid %s of %s",
                     mask_path, mask_data.shape, shape, source_name(image))
     if brain:
@@ -275,17 +297,6 @@ def _read_raw_data(image: nib.spatialimages.SpatialImage, path: Path) -> np.ndar
             f"the mask data cannot be read: the file is truncated or corrupt ({type(exc).__name__}: "
             f"{exc})", path=path, fix="re-copy or regenerate the mask file",
         ) from exc
-
-
-def resample_mask(mask: np.ndarray, mask_affine: np.ndarray, target_affine: np.ndarray,
-                  target_shape: tuple[int, ...]) -> np.ndarray:
-    """Nearest-neighbour resampling of a bool mask onto a target grid (0 outside the mask's FOV)."""
-    vox2vox = np.linalg.inv(mask_affine) @ target_affine
-    out = ndimage.affine_transform(
-        mask.astype(np.uint8), vox2vox[:3, :3], offset=vox2vox[:3, 3], output_shape=tuple(target_shape),
-        order=0, mode="constant", cval=0, prefilter=False,
-    )
-    return out.astype(bool)
 
 
 def _fraction_inside(mask: np.ndarray, mask_affine: np.ndarray, target_affine: np.ndarray,

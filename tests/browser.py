@@ -1,4 +1,7 @@
-"""Open an HTML report in headless Chromium and check it (used by the tests and by hand).
+"""Open an HTML report in headless Chromium and check it (a test helper; also usable by hand).
+
+Not part of the package: it lives under ``tests/`` and is imported as ``from browser import …``
+(pytest puts ``tests/`` on ``sys.path``). By hand: ``python tests/browser.py REPORT.html [--width 1400]``.
 
 How it works
 ------------
@@ -375,7 +378,7 @@ def check_report(
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m cg3d_bids.reports.browser REPORT.html [--screenshot out.png] [--full-page]``."""
+    """``python tests/browser.py REPORT.html [--screenshot out.png] [--full-page]``."""
     import argparse
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
