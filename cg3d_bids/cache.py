@@ -16,6 +16,7 @@ Layout of the work directory (``-w``)::
         prep/<mod>/<image>.json          PreparedImage of images skipped as bad data
         results/<mod>/<image>.json       ImageResult of every requested image
         group/<mod>.json                 GroupSummary
+        reference/<mod>.json             ReferenceEntry (group --save-reference)
         errors/<context>.json            failures (the first one by time decides the exit code)
         skipped/<image>.json             images left out as bad data (--skip-bad-images)
         timings/*.json                   per stage call: wall and CPU time
@@ -88,6 +89,8 @@ class WorkCache:
             return self.run_dir / "results" / record.image.modality / f"{record.image.bids_name}.json"
         if isinstance(record, rec.GroupSummary):
             return self.run_dir / "group" / f"{record.modality}.json"
+        if isinstance(record, rec.ReferenceEntry):
+            return self.run_dir / "reference" / f"{record.modality}.json"
         raise TypeError(f"no cache location for {type(record).__name__}")
 
     def prep_path(self, image: rec.ImageRecord, key: str) -> Path:

@@ -377,3 +377,21 @@ def load(path: str | Path, cls: type[R] | None = None) -> R:
     values = {k: _decode(hints[k], v) for k, v in stored["fields"].items()}
     values.update(arrays)
     return record_cls(**values)  # type: ignore[return-value]
+
+
+# ------------------------------------------------------------------------------------------------
+# saved reference cohorts (cg3d_bids.reference)
+@dataclass(frozen=True)
+class ReferenceEntry(Record):
+    """One modality of a reference bank being saved by ``group --save-reference``: its arrays are
+    in the bank's staging folder ``staging``, ``entry`` is its part of the bank's manifest."""
+
+    kind: ClassVar[str] = "reference"
+
+    modality: str
+    staging: Path
+    entry: dict[str, Any]
+
+
+RECORD_TYPES[ReferenceEntry.__name__] = ReferenceEntry
+__all__ += ["ReferenceEntry"]

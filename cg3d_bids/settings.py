@@ -278,6 +278,13 @@ class InputSettings:
         "keyed by the sub-/ses-/anat folders' names and modification times)",
         bosh_id="ResetBidsDb", bosh_name="Reset the pybids index",
     )
+    reference: Path | None = setting(
+        flags=("--reference",), parse=absolute_path, metavar="BANK", group=SELECT,
+        help="participant level: score each selected image against a saved reference cohort (a bank "
+        "written by group --save-reference) instead of a batch, so that one new scan is scored now; it "
+        "is prepared with the bank's Nyul landmarks and token settings, and probseg is calibrated with "
+        "the bank's statistics (docs/reference.md)", bosh_id="Reference", bosh_name="Reference cohort (bank)",
+    )
 
 
 @dataclass(frozen=True)
@@ -462,6 +469,13 @@ class ExecutionSettings:
         0, flags=("-v", "--verbose"), kind="count", group=WORKFLOW, help="more log output (-vv for debug)",
         bosh_id="Verbose", bosh_name="Verbose", default_text="—",
     )
+    save_reference: Path | None = setting(
+        flags=("--save-reference",), parse=absolute_path, metavar="BANK", group=WORKFLOW,
+        help="group level: also save the scored batch as a reference cohort in the folder BANK (valid "
+        "tokens, Nyul landmarks, token settings, score statistics; an existing bank there is replaced) "
+        "to score new scans against it later with participant --reference (docs/reference.md)",
+        bosh_id="SaveReference", bosh_name="Save a reference cohort (bank)",
+    )
 
 
 @dataclass(frozen=True)
@@ -480,6 +494,9 @@ class RunInfo:
     precision: str = ""
     #: ``--layers`` resolved once (the encoder's defaults when not given)
     layers: tuple[int, ...] = ()
+    #: ``--reference``: checksum of the bank (``sha256:<hex>``) and its images per modality
+    reference_checksum: str | None = None
+    reference_sizes: dict[str, int] = field(default_factory=dict)
 
 
 SECTIONS: dict[str, type] = {
@@ -544,6 +561,10 @@ class Settings:
         method = {f.name: _plain(getattr(self.method, f.name)) for f in dataclasses.fields(self.method)}
         method["layers"] = list(self.run.layers) or method["layers"]
         codegraph = self.codegraph_settings
+        reference = {} if self.inputs.reference is None else {
+            "reference_bank": str(self.inputs.reference), "reference_checksum": self.run.reference_checksum,
+            "reference_images": dict(self.run.reference_sizes),
+        }
         return {
             "version": self.run.version, "encoder": self.method.encoder, "timm_name": self.run.timm_name,
             "weights_sha256": self.run.weights_sha256, "weights_source": self.run.weights_source,
@@ -556,6 +577,7 @@ class Settings:
             "device": self.execution.device, "precision": self.run.precision,
             "threshold": method["threshold"], "z_center": method["z_center"],
             "config_hash": self.key(Affects.OUTPUTS), "run_id": self.run.run_id, "command": self.run.command,
+            **reference,
         }
 
     # -- TOML codec ------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from .. import slurm
-from . import demo, evaluate, run
+from . import demo, evaluate, reference, run
 from .parser import COMMANDS
 
 __all__ = ["main"]
@@ -21,6 +21,7 @@ HANDLERS: dict[str, Callable[[list[str]], int]] = {
     "demo": demo.main,
     "evaluate": evaluate.main,
     "slurm-script": slurm.main,
+    "reference": reference.main,
 }
 assert set(HANDLERS) == set(COMMANDS), "every subcommand is listed in cg3d --help"
 

@@ -35,6 +35,7 @@ COMMANDS: dict[str, str] = {
     "demo": "run on the bundled demo dataset (CPU, small configuration)",
     "evaluate": "metrics of an output folder against lesion masks",
     "slurm-script": "write a dependency-chained sbatch script for a cluster",
+    "reference": "inspect a saved reference cohort: cg3d reference info BANK",
 }
 
 

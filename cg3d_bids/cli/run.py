@@ -151,6 +151,9 @@ def resolve_run_info(settings: Settings, run_id: str | None = None) -> Settings:
 # --------------------------------------------------------------------------------------------
 def run(settings: Settings) -> int:
     """The whole run after argument parsing. Raises Cg3dError on failure."""
+    from .reference import check_reference_options
+
+    check_reference_options(settings)
     output_existed = check_paths(settings)
     check_device(settings)
     execution = settings.execution
@@ -191,6 +194,11 @@ def _children_cpu() -> float:
 def _run(settings: Settings, cache: WorkCache) -> int:
     from ..bids.discovery import discover_images
 
+    bank = None
+    if settings.inputs.reference is not None:  # a saved cohort replaces the batch (docs/reference.md)
+        from .reference import open_reference
+
+        settings, bank = open_reference(settings)
     inputs = settings.inputs
     with timings.measure(cache.run_dir / "timings", "discover"):
         if not inputs.skip_bids_validation:
@@ -208,8 +216,8 @@ def _run(settings: Settings, cache: WorkCache) -> int:
                                    **common)
         for warning in selected.warnings:
             LOGGER.warning("%s", warning)
-        cohort = discover_images(inputs.bids_dir, **common) if (inputs.participant_label
-                                                                or inputs.session_label) else selected
+        cohort = discover_images(inputs.bids_dir, **common) if ((inputs.participant_label or inputs.session_label)
+                                                                and bank is None) else selected
     images = {mod: recs for mod, recs in selected.images.items() if recs}
     if not images:
         raise NoInputError(
@@ -219,6 +227,10 @@ def _run(settings: Settings, cache: WorkCache) -> int:
     print(selected.summary(), file=sys.stderr)
     batches = _plan_batches(settings, images) if inputs.analysis_level == "group" else None
     settings = resolve_run_info(settings, cache.run_id)
+    if bank is not None:
+        from .reference import bind_reference
+
+        settings = bind_reference(settings, bank)
     from ..atomic import write_text
 
     settings_file = write_text(cache.run_dir / "settings.toml", settings.to_toml())
@@ -241,7 +253,7 @@ def _run(settings: Settings, cache: WorkCache) -> int:
     _run_workflow(settings, settings_file, cache, selected_paths, cohort_paths, subjects, batches)
     chosen = {rec.bids_name for recs in images.values() for rec in recs}
     skipped = sorted(name for name in cache.skipped() if name in chosen)
-    if inputs.analysis_level != "group":
+    if inputs.analysis_level != "group" and bank is None:
         if skipped:
             LOGGER.error("%d image(s) skipped as bad data: %s (the group level lists them as skipped)",
                          len(skipped), ", ".join(skipped))
@@ -249,6 +261,10 @@ def _run(settings: Settings, cache: WorkCache) -> int:
         LOGGER.info("participant level done: tokens cached in %s; run the group level next",
                     settings.execution.work_dir)
         return 0
+    if settings.execution.save_reference is not None:
+        from .reference import finish_saved_reference
+
+        finish_saved_reference(settings, cache, list(images))
     _write_dataset_files(settings)
     failed = _failed_images(cache, images)
     if failed:
@@ -350,9 +366,19 @@ def _run_workflow(settings: Settings, settings_file: Path, cache: WorkCache, sel
     # nipype's node folders are per run: concurrent participant calls sharing the work dir never
     # step on each other's (the content-keyed work cache beside them is shared and safe).
     nipype_dir = cache.run_dir / "nipype"
-    wf = init_cg3d_wf(settings_file=settings_file, analysis_level=settings.inputs.analysis_level,
-                      selected=selected, cohort=cohort, subjects=subjects, batches=batches, use_gpu=use_gpu,
-                      n_chunks=nprocs, base_dir=nipype_dir)
+    if settings.inputs.reference is not None:
+        from ..workflows.reference import init_reference_wf
+
+        wf = init_reference_wf(settings_file=settings_file, selected=selected, subjects=subjects, use_gpu=use_gpu,
+                               n_chunks=nprocs, base_dir=nipype_dir)
+    else:
+        wf = init_cg3d_wf(settings_file=settings_file, analysis_level=settings.inputs.analysis_level,
+                          selected=selected, cohort=cohort, subjects=subjects, batches=batches, use_gpu=use_gpu,
+                          n_chunks=nprocs, base_dir=nipype_dir)
+    if settings.execution.save_reference is not None:
+        from ..workflows.reference import connect_save_reference
+
+        connect_save_reference(wf, settings_file, list(selected), batches)
     plugin, plugin_args = _plugin(settings, nprocs, use_gpu)
     if plugin == "MultiProc" and plugin_args.get("mp_context") != "spawn":
         _preload()  # forked workers inherit what the main process has imported, once for all

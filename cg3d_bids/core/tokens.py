@@ -35,11 +35,15 @@ import torch.nn.functional as F
 from ..errors import InputDataError, UsageError
 from .projection import projection_tensor
 
-__all__ = ["AXES", "TokenSet", "batch_slices_for_memory", "token_validity", "tokenize_volume"]
+__all__ = ["AXES", "TOKEN_FORMAT", "TokenSet", "batch_slices_for_memory", "token_validity", "tokenize_volume"]
 
 #: (name, cube axis that is sliced), in concatenation order.
 AXES: tuple[tuple[str, int], ...] = (("axial", 2), ("coronal", 1), ("sagittal", 0))
 NORM_EPS = 1e-6
+#: Version of what a token is (slicing, pooling, normalisation, projection, concatenation order).
+#: Bump it whenever :func:`tokenize_volume` returns different tokens for the same cube, encoder
+#: and settings: saved reference cohorts record it and refuse to be mixed with other versions.
+TOKEN_FORMAT = 1
 
 
 @dataclass

@@ -41,6 +41,7 @@ from ..stages.context import Ref, StageContext
 __all__ = [
     "ComputeLandmarks", "PrepareImage", "ScoreBatch", "TokenizeImages", "WriteGroupOutputs",
     "WriteImageOutputs", "WriteSubjectReports", "run_stage", "stage_interface",
+    "ReferenceGroup", "ReferenceLandmarks", "ReferenceScore", "ReferenceTokenize", "SaveReference",
 ]
 
 _SETTINGS: dict[tuple[str, int], Settings] = {}
@@ -241,3 +242,9 @@ ScoreBatch = stage_interface(stages.score, "ScoreBatch")
 WriteImageOutputs = stage_interface(stages.outputs, "WriteImageOutputs")
 WriteGroupOutputs = stage_interface(stages.group, "WriteGroupOutputs")
 WriteSubjectReports = stage_interface(stages.subject_reports, "WriteSubjectReports")
+# saved reference cohorts (cg3d_bids.stages.reference; wired by cg3d_bids.workflows.reference)
+SaveReference = stage_interface(stages.save_reference, "SaveReference")
+ReferenceLandmarks = stage_interface(stages.reference_landmarks, "ReferenceLandmarks")
+ReferenceTokenize = stage_interface(stages.reference_tokenize, "ReferenceTokenize")
+ReferenceScore = stage_interface(stages.reference_score, "ReferenceScore")
+ReferenceGroup = stage_interface(stages.reference_group, "ReferenceGroup")

@@ -20,7 +20,9 @@ subject_reports   one HTML report per subject                                  l
 
 Sharded scoring (``group --stage score|graph|rescore --shard i/n``) splits ``score`` into
 :func:`~.shards.score_shard`, :func:`~.shards.graph`, :func:`~.shards.rescore_shard` and
-:func:`~.shards.assemble` (:mod:`.shards`).
+:func:`~.shards.assemble` (:mod:`.shards`). Saved reference cohorts (``group --save-reference``,
+``participant --reference``) add the stages of :mod:`.reference`: ``save_reference``,
+``reference_landmarks``, ``reference_tokenize``, ``reference_score`` and ``reference_group``.
 """
 
 from .context import Ref, StageContext, stage
@@ -28,12 +30,14 @@ from .group import group
 from .landmarks import landmarks
 from .outputs import outputs
 from .prepare import prepare
+from .reference import reference_group, reference_landmarks, reference_score, reference_tokenize, save_reference
 from .reports import subject_reports
 from .score import score
 from .shards import assemble, graph, rescore_shard, score_shard
 from .tokenize import tokenize
 
 __all__ = [
-    "Ref", "StageContext", "assemble", "graph", "group", "landmarks", "outputs", "prepare", "rescore_shard",
-    "score", "score_shard", "stage", "subject_reports", "tokenize",
+    "Ref", "StageContext", "assemble", "graph", "group", "landmarks", "outputs", "prepare", "reference_group",
+    "reference_landmarks", "reference_score", "reference_tokenize", "rescore_shard", "save_reference", "score",
+    "score_shard", "stage", "subject_reports", "tokenize",
 ]

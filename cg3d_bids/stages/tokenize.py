@@ -23,7 +23,7 @@ from .inputs import load_inputs
 
 LOGGER = logging.getLogger("cg3d")
 
-__all__ = ["build_encoder", "standardised_cube", "tokenize", "tokens_key"]
+__all__ = ["build_encoder", "standardised_cube", "tokenize", "tokenize_images", "tokens_key"]
 
 
 def tokens_key(ctx: StageContext, prepared: PreparedImage, landmarks: Landmarks) -> str:
@@ -33,9 +33,15 @@ def tokens_key(ctx: StageContext, prepared: PreparedImage, landmarks: Landmarks)
 @stage("tokenize")
 def tokenize(ctx: StageContext, prepared: list[PreparedImage], landmarks: Landmarks) -> list[Ref[ImageTokens]]:
     """Tokens of every usable image of ``prepared`` (cached); skipped images have none."""
+    usable = [p for p in prepared if p.usable and p.image.bids_name in landmarks.images]
+    return tokenize_images(ctx, usable, landmarks)
+
+
+def tokenize_images(ctx: StageContext, usable: list[PreparedImage], landmarks: Landmarks) -> list[Ref[ImageTokens]]:
+    """Tokens of ``usable`` (cached), standardised with ``landmarks`` whichever images these were
+    learned from (a saved reference cohort's landmarks score images it never saw)."""
     from ..core.tokens import tokenize_volume
 
-    usable = [p for p in prepared if p.usable and p.image.bids_name in landmarks.images]
     paths = {p.image.bids_name: ctx.cache.tokens_path(landmarks.modality, p.image.bids_name,
                                                        tokens_key(ctx, p, landmarks)) for p in usable}
     todo = [p for p in usable if not paths[p.image.bids_name].exists()]
