@@ -48,8 +48,25 @@ def argv_run(root: Path, out: str, work: str, common: list[str]) -> int:
 
 
 def start(cohort, out: str, work: str) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "cg3d_bids", *argv(cohort["root"], out, work, cohort["common"])]
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    """The run as a subprocess; its console goes to files (a pipe would stay open as long as any
+    worker that inherited it lives)."""
+    root = cohort["root"]
+    cmd = [sys.executable, "-m", "cg3d_bids", *argv(root, out, work, cohort["common"])]
+    with open(root / f"{out}.stdout", "w") as stdout, open(root / f"{out}.stderr", "w") as stderr:
+        proc = subprocess.Popen(cmd, stdout=stdout, stderr=stderr, start_new_session=True)
+    proc.console = root / f"{out}.stderr"  # type: ignore[attr-defined]
+    return proc
+
+
+@pytest.fixture
+def cleanup():
+    """Processes of the runs a test starts (by their unique work folders) that are still there at
+    its end are killed (they exist only when the test fails)."""
+    markers: list[str] = []
+    yield markers.append
+    for marker in markers:
+        for pid in processes_of(marker):
+            os.kill(pid, signal.SIGKILL)
 
 
 def wait_for(proc: subprocess.Popen, ready, timeout: float = 600) -> None:
@@ -59,8 +76,9 @@ def wait_for(proc: subprocess.Popen, ready, timeout: float = 600) -> None:
             return
         time.sleep(0.01)
     proc.kill()
-    out, err = proc.communicate()
-    pytest.fail(f"the run ended (or hung) before the point to interrupt it: {proc.returncode}\n{err[-3000:]}")
+    proc.wait()
+    pytest.fail(f"the run ended (or hung) before the point to interrupt it: {proc.returncode}\n"
+                f"{proc.console.read_text()[-3000:]}")
 
 
 def processes_of(marker: str) -> list[int]:
@@ -113,13 +131,19 @@ def assert_same_outputs(cohort, out: str) -> None:
 def stop(proc: subprocess.Popen, signum: int) -> tuple[float, str]:
     t0 = time.monotonic()
     proc.send_signal(signum)  # the main process only: no process-group kill
-    _, err = proc.communicate(timeout=120)
-    return time.monotonic() - t0, err
+    try:
+        proc.wait(timeout=120)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        pytest.fail(f"cg3d did not stop within 120 s of {signal.Signals(signum).name}")
+    return time.monotonic() - t0, proc.console.read_text()
 
 
 # ------------------------------------------------------------------------------------------------
-def test_sigterm_during_tokenize_stops_everything_then_resumes(cohort, capsys):
+def test_sigterm_during_tokenize_stops_everything_then_resumes(cohort, capsys, cleanup):
     root = cohort["root"]
+    cleanup(str(root / "work_tok"))
     proc = start(cohort, "out_tok", "work_tok")
     wait_for(proc, lambda: any((root / "work_tok" / "tokens").rglob("*.npz")))
     workers = [pid for pid in processes_of(str(root / "work_tok")) if pid != proc.pid]
@@ -142,9 +166,10 @@ def test_sigterm_during_tokenize_stops_everything_then_resumes(cohort, capsys):
     assert_same_outputs(cohort, "out_tok")
 
 
-def test_sigterm_during_reports_leaves_a_valid_dataset(cohort):
+def test_sigterm_during_reports_leaves_a_valid_dataset(cohort, cleanup):
     """Killed once the group table exists: the folder already has its dataset-level files."""
     root = cohort["root"]
+    cleanup(str(root / "work_rep"))
     shutil.copytree(root / "work_ref", root / "work_rep")  # tokens and scores cached: straight to outputs
     proc = start(cohort, "out_rep", "work_rep")
     wait_for(proc, lambda: (root / "out_rep" / "group_T1w.tsv").exists())
@@ -158,15 +183,16 @@ def test_sigterm_during_reports_leaves_a_valid_dataset(cohort):
     assert_valid_or_absent(root / "out_rep")
 
 
-def test_sigkill_of_the_main_process_takes_the_workers_down(cohort):
+def test_sigkill_of_the_main_process_takes_the_workers_down(cohort, cleanup):
     """Killed while its workers write reports into the output folder: they stop with it."""
     root = cohort["root"]
+    cleanup(str(root / "work_kill"))
     shutil.copytree(root / "work_ref", root / "work_kill")
     proc = start(cohort, "out_kill", "work_kill")
     wait_for(proc, lambda: (root / "out_kill" / "group_T1w.tsv").exists())
     assert [pid for pid in processes_of(str(root / "work_kill")) if pid != proc.pid]
     proc.kill()  # SIGKILL, the main process only
-    proc.communicate()
+    proc.wait()
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline and processes_of(str(root / "work_kill")):
         time.sleep(0.05)

@@ -71,10 +71,21 @@ def sizes(folder: Path) -> dict[str, int]:
     return {p.name: p.stat().st_size for p in folder.iterdir()}
 
 
+@pytest.fixture
+def reaper():
+    """Workers a test recorded are killed at its end if still alive (only when it fails)."""
+    pids: list[int] = []
+    yield pids.extend
+    for pid in pids:
+        if alive(pid):
+            os.kill(pid, signal.SIGKILL)
+
+
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
-def test_stop_signal_stops_the_workers_and_exits_128_plus_n(tmp_path, signum):
+def test_stop_signal_stops_the_workers_and_exits_128_plus_n(tmp_path, signum, reaper):
     proc = start(tmp_path)
     workers = descendants(proc.pid)
+    reaper(workers)
     assert len(workers) == 2
     t0 = time.monotonic()
     proc.send_signal(signum)
@@ -88,10 +99,11 @@ def test_stop_signal_stops_the_workers_and_exits_128_plus_n(tmp_path, signum):
     assert f"{signal.Signals(signum).name} received: stopping 2 worker process(es)" in err
 
 
-def test_workers_die_when_the_main_process_is_killed(tmp_path):
+def test_workers_die_when_the_main_process_is_killed(tmp_path, reaper):
     """SIGKILL cannot be handled: PR_SET_PDEATHSIG takes the workers down with the main process."""
     proc = start(tmp_path)
     workers = descendants(proc.pid)
+    reaper(workers)
     proc.kill()
     proc.wait()
     deadline = time.monotonic() + 5
@@ -103,19 +115,15 @@ def test_workers_die_when_the_main_process_is_killed(tmp_path):
     assert sizes(tmp_path / "out") == before
 
 
-def test_without_the_worker_setup_a_killed_main_leaves_writing_workers(tmp_path):
+def test_without_the_worker_setup_a_killed_main_leaves_writing_workers(tmp_path, reaper):
     """The control: plain pool workers outlive a SIGKILLed parent (what the setup prevents)."""
     proc = start(tmp_path, guarded=False)
     workers = descendants(proc.pid)
-    try:
-        proc.kill()
-        proc.wait()
-        time.sleep(0.5)
-        assert any(alive(pid) for pid in workers)
-    finally:
-        for pid in workers:
-            if alive(pid):
-                os.kill(pid, signal.SIGKILL)
+    reaper(workers)
+    proc.kill()
+    proc.wait()
+    time.sleep(0.5)
+    assert any(alive(pid) for pid in workers)
 
 
 def test_interrupted_carries_the_exit_code():
