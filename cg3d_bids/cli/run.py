@@ -365,10 +365,9 @@ def _plugin(settings: Settings, nprocs: int, use_gpu: bool) -> tuple[str, dict[s
 def _raise_recorded_error(settings: Settings, cache: WorkCache, exc: Exception) -> None:
     """Turn a nipype failure into the first recorded cg3d error (by time), with its exit code."""
     failure = cache.first_failure()
-    if failure is not None:
-        LOGGER.error("%s failed:\n%s", failure.context, failure.traceback, extra=logging_setup.FILE_ONLY)
     if failure is None:
         raise Cg3dError(f"the workflow failed: {exc}", fix=f"see the crash files in {cache.run_dir / 'crash'}")
+    LOGGER.error("%s failed:\n%s", failure.context, failure.traceback, extra=logging_setup.FILE_ONLY)
     message = failure.message
     if failure.exit_code == EXIT_DATAERR and not settings.execution.skip_bad_images:
         message += "\n  or: rerun with --skip-bad-images to score the other images and list this one as skipped"
