@@ -29,6 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..logging_setup import FILE_ONLY
+
 LOGGER = logging.getLogger("cg3d")
 
 __all__ = ["StaleImage", "check_modality", "check_subject_reports", "find_stale_images", "image_outputs"]
@@ -139,7 +141,7 @@ def check_modality(out_dir: str | Path, modality: str, results: Iterable[Any], *
                        "they are listed as 'stale' in group_%s.tsv and their files in group_%s.json "
                        "(StaleOutputs); rerun with %s to remove them", len(stale), modality, out_dir,
                        _names(names), modality, modality, FLAG)
-    LOGGER.info("stale %s outputs: %s", modality, " ".join(files))
+    LOGGER.info("stale %s outputs: %s", modality, " ".join(files), extra=FILE_ONLY)  # the list: log file
     rows = [] if remove else [image.row() for image in stale if image.bids_name not in listed]
     return rows, entry, (files if remove else [])
 
