@@ -19,6 +19,10 @@ EXIT_UNAVAILABLE = 69
 EXIT_CANTCREAT = 73
 EXIT_IOERR = 74
 EXIT_TEMPFAIL = 75
+#: Stopped by a signal: 128 + signal number, the shell convention (cg3d_bids.signals).
+EXIT_SIGHUP = 129
+EXIT_SIGINT = 130
+EXIT_SIGTERM = 143
 
 
 class Cg3dError(Exception):
@@ -92,7 +96,7 @@ class CantCreateError(Cg3dError):
 
 
 class TempFailError(Cg3dError):
-    """CUDA out of memory or similar transient failure."""
+    """CUDA out of memory or similar transient failure (also: the output folder is in use)."""
 
     exit_code = EXIT_TEMPFAIL
 

@@ -138,6 +138,17 @@ def positive_float(value: str) -> float:
     return number
 
 
+def seconds(value: str) -> float:
+    """A duration in seconds, >= 0 (``inf`` allowed)."""
+    try:
+        number = float(value)
+    except ValueError as exc:
+        raise _type_error(f"{value!r} is not a number of seconds") from exc
+    if not number >= 0:
+        raise _type_error(f"{value!r} must be >= 0")
+    return number
+
+
 def existing_file(value: str) -> Path:
     path = Path(value).expanduser().absolute()
     if not path.is_file():
@@ -450,7 +461,7 @@ class ExecutionSettings:
     )
     skip_bad_images: bool = setting(
         False, flags=("--skip-bad-images",), kind="flag", group=WORKFLOW,
-        help="leave images whose data cannot be used (corrupt, truncated, 4D, NaN/Inf, empty or "
+        help="leave images whose data cannot be used (corrupt, truncated, 4D, NaN/Inf, constant, empty or "
         "unmappable mask) out of the batch instead of stopping with exit 65: they are listed as "
         "'skipped' with the reason in group_<mod>.tsv and the reports, the others are scored, and "
         "the exit code is 1", bosh_id="SkipBadImages", bosh_name="Skip bad images",
@@ -475,6 +486,20 @@ class ExecutionSettings:
         "tokens, Nyul landmarks, token settings, score statistics; an existing bank there is replaced) "
         "to score new scans against it later with participant --reference (docs/reference.md)",
         bosh_id="SaveReference", bosh_name="Save a reference cohort (bank)",
+    )
+    lock_wait: float = setting(
+        0.0, flags=("--lock-wait",), parse=seconds, metavar="SECONDS", group=WORKFLOW,
+        help="when another cg3d run holds the output folder (or, for the group level, the work dir), "
+        "wait up to this many seconds for it ('inf': as long as it takes) instead of stopping at once "
+        "with exit 75 and a message naming it (default: 0, stop at once)",
+        bosh_id="LockWait", bosh_name="Wait for a busy output folder (s)", minimum=0,
+    )
+    remove_stale_outputs: bool = setting(
+        False, flags=("--remove-stale-outputs",), kind="flag", group=WORKFLOW,
+        help="group level: delete the outputs (maps, sidecars, figures, subject reports) of images "
+        "that are not part of this run's batch, e.g. left by an earlier run on a larger cohort "
+        "(default: keep them, warn, and list them as 'stale' in group_<mod>.tsv)",
+        bosh_id="RemoveStaleOutputs", bosh_name="Remove stale outputs",
     )
 
 

@@ -225,7 +225,7 @@ def test_group_table_round_trip(tmp_path):
     doc = json.loads(dictionary.read_text())
     for column in lines[0].split("\t"):
         assert doc[column]["Description"], column
-    assert set(doc["status"]["Levels"]) == {"ok", "failed", "skipped"}
+    assert set(doc["status"]["Levels"]) == {"ok", "failed", "skipped", "stale"}
     assert doc["anomaly_volume_mm3"]["Units"] == "mm^3" and doc["rank"]["Format"] == "integer"
     assert doc["my_extra"]["Description"] == "an extra column"
     assert doc["Provenance"]["threshold"] == 0.5 and doc["GeneratedBy"][0]["Version"] == "0.1.0"

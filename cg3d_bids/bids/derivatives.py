@@ -175,13 +175,45 @@ Files that are not BIDS (reports, figures, group tables) are listed in `.bidsign
 """
 
 
-def write_readme(out_dir: str | Path, *, version: str | None = None) -> Path:
-    """Write ``README.md`` (what the files are) atomically, unless already identical."""
+TEST_ENCODER_BANNER = """\
+> **WARNING: TEST ENCODER.** The outputs in this folder were computed with a randomly initialised
+> test encoder (`test-tiny-vit`, no pretrained weights). The maps, scores and tables mean
+> **nothing** and must not be used or reported. Rerun without `--encoder test-tiny-vit` (or the
+> demo without `--test-encoder`) for real results.
+
+"""
+
+
+def write_readme(out_dir: str | Path, *, version: str | None = None, test_encoder: bool = False) -> Path:
+    """Write ``README.md`` (what the files are) atomically, unless already identical; a run made
+    with the random test encoder gets a warning banner at the top."""
     path = Path(out_dir) / "README.md"
     text = README.format(version=f" {version}" if version else "")
+    if test_encoder:
+        title, _, body = text.partition("\n\n")
+        text = f"{title}\n\n{TEST_ENCODER_BANNER}{body}"
     if not path.exists() or path.read_text() != text:
         write_text(path, text)
     return path
+
+
+#: What :func:`remove_if_without_outputs` may find in a folder it removes.
+DATASET_FILES = ("dataset_description.json", "README.md", ".bidsignore")
+
+
+def remove_if_without_outputs(out_dir: str | Path) -> bool:
+    """Remove ``out_dir`` when it holds nothing but the dataset-level files (a run that created it
+    and failed before writing any output); returns whether it was removed."""
+    out_dir = Path(out_dir)
+    if not out_dir.is_dir() or any(p.name not in DATASET_FILES for p in out_dir.iterdir()):
+        return False
+    for name in DATASET_FILES:
+        (out_dir / name).unlink(missing_ok=True)
+    try:
+        out_dir.rmdir()
+    except OSError:  # another run wrote into it meanwhile
+        return False
+    return True
 
 
 # ------------------------------------------------------------------------------------------------

@@ -22,7 +22,18 @@ STATUS_LEVELS = {
     "ok": "the image was scored",
     "failed": "processing failed; see the error column and logs/",
     "skipped": "the image was not scored (e.g. excluded by a check); see the error column",
+    "stale": "the image is not part of this batch, but outputs of an earlier run are in the folder (not "
+             "comparable with this batch; --remove-stale-outputs removes them); see StaleOutputs",
 }
+#: Column added to every row of a run made with the random test encoder (meaningless results).
+TEST_ENCODER_COLUMN = {
+    "test_encoder": {"LongName": "Made with the random test encoder", "Format": "boolean",
+                     "Levels": {"true": "random test encoder: the scores and maps mean nothing"},
+                     "Description": "true when the scores were computed with the randomly initialised "
+                     "test encoder (test-tiny-vit): the results mean nothing and must not be reported"},
+}
+TEST_ENCODER_WARNING = ("TEST ENCODER: these results were computed with a randomly initialised test encoder "
+                        "(no pretrained weights); the scores and maps mean nothing and must not be reported")
 
 #: Documented columns, in table order.
 COLUMNS: dict[str, dict[str, Any]] = {
@@ -168,15 +179,25 @@ def data_dictionary(columns: Sequence[str], provenance: Mapping[str, Any] | None
 
 def write_group_table(out_dir: str | Path, modality: str, rows: Sequence[Mapping[str, Any]],
                       provenance: Mapping[str, Any] | None = None, *,
-                      column_docs: Mapping[str, Mapping[str, Any]] | None = None) -> tuple[Path, Path]:
+                      column_docs: Mapping[str, Mapping[str, Any]] | None = None,
+                      extra: Mapping[str, Any] | None = None) -> tuple[Path, Path]:
     """Write ``group_<mod>.tsv`` and ``group_<mod>.json`` atomically; return their paths.
 
     ``rows``: one dict per requested image with (a subset of) :data:`COLUMNS`; missing values are
     ``n/a``; ``rank``/``score_percentile`` are computed among ``ok`` rows when not given. Extra keys
     become extra columns (after the documented ones), documented from ``column_docs``. Rows without
     ``status`` are ``ok`` unless they carry an ``error``.
+    ``extra``: more top-level keys of the JSON (e.g. ``StaleOutputs``). A run made with the random
+    test encoder (``provenance["is_test_encoder"]``) gets a ``test_encoder`` column (true in every
+    row of this run's images) and a top-level ``Warning``.
     """
     rows = [dict(r) for r in rows]
+    extra = dict(extra or {})
+    if (provenance or {}).get("is_test_encoder"):
+        for row in rows:
+            row.setdefault("test_encoder", row.get("status") != "stale" or None)
+        column_docs = {**TEST_ENCODER_COLUMN, **(column_docs or {})}
+        extra = {"Warning": TEST_ENCODER_WARNING, **extra}
     for row in rows:
         row.setdefault("status", "failed" if row.get("error") else "ok")
         if row["status"] not in STATUS_LEVELS:
@@ -186,14 +207,14 @@ def write_group_table(out_dir: str | Path, modality: str, rows: Sequence[Mapping
     lines = ["\t".join(columns)] + ["\t".join(format_value(row.get(c)) for c in columns) for row in rows]
     paths = group_paths(modality, out_dir)
     write_text(paths["tsv"], "\n".join(lines) + "\n")
-    write_json(paths["json"], data_dictionary(columns, provenance, column_docs))
+    write_json(paths["json"], {**data_dictionary(columns, provenance, column_docs), **extra})
     return paths["tsv"], paths["json"]
 
 
 def read_group_table(path: str | Path) -> list[dict[str, Any]]:
     """Read a group TSV back: ``n/a`` -> None, numbers and booleans parsed per the dictionary."""
     path = Path(path)
-    formats = {name: doc.get("Format") for name, doc in COLUMNS.items()}
+    formats = {name: doc.get("Format") for name, doc in {**COLUMNS, **TEST_ENCODER_COLUMN}.items()}
     lines = path.read_text(encoding="utf-8").splitlines()
     header = lines[0].split("\t")
     rows = []

@@ -55,7 +55,12 @@ ERROR_CODES = [
          "and a writable -v mount; apptainer: -B)."),
     (74, "IOERR: read or write failure during the run (disk full, stale network file system)."),
     (75, "TEMPFAIL: CUDA out of memory or a busy GPU; lower --slice-batch / --score-chunk-mb and rerun "
-         "(the work directory resumes)."),
+         "(the work directory resumes). Also: the output folder (or, for group runs, the work directory) is "
+         "in use by another cg3d run, named in the message; wait for it or pass --lock-wait SECONDS."),
+    (129, "Stopped by SIGHUP (128 + 1): workers stopped; rerun the same command to resume."),
+    (130, "Stopped by SIGINT (128 + 2, Ctrl-C): workers stopped; rerun the same command to resume."),
+    (143, "Stopped by SIGTERM (128 + 15; SLURM time limit or scancel): workers stopped; rerun the same "
+          "command to resume."),
 ]
 
 OUTPUT_FILES = [

@@ -130,7 +130,8 @@ def build_parser() -> Cg3dArgumentParser:
         ),
         epilog="Exit codes follow BEP027: 0 ok, 1 failure, 16 invalid BIDS, 17 unknown level, 18 "
         "filters matched nothing, 64 usage, 65 bad data, 66 missing input, 69 GPU unavailable, "
-        "73 cannot create output, 74 I/O error, 75 temporary failure (GPU out of memory).",
+        "73 cannot create output, 74 I/O error, 75 temporary failure (GPU out of memory, or the output folder is "
+        "in use by another run), 129/130/143 stopped by SIGHUP/SIGINT/SIGTERM (rerun to resume).",
     )
     specs = [spec for _section, spec in iter_options()]
     for spec in specs:

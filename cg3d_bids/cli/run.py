@@ -1,9 +1,12 @@
 """``cg3d BIDS_DIR OUTPUT_DIR LEVEL``: start-up checks in the order that fails fastest, then the workflow.
 
 Order (bids_app_conventions.md §1.5): arguments (64/17) -> paths (64/73) -> device (69) ->
-BIDS validation (16) -> discovery and filters (18/66) -> weights (66) -> workflow -> outputs.
-Nothing is written to the output folder before the workflow has produced its results, and a
-failing run removes an output folder that it created and left empty.
+locks (75, :mod:`cg3d_bids.locks`) -> BIDS validation (16) -> discovery and filters (18/66) ->
+weights (66) -> dataset-level files -> workflow -> outputs. The dataset-level files
+(``dataset_description.json``, ``README.md``, ``.bidsignore``) are written before any other
+output, so an interrupted run never leaves a folder that fails the BIDS validator; a failing run
+removes an output folder that it created and left without outputs. SIGTERM/SIGINT/SIGHUP stop
+the run and its workers and exit 143/130/129 (:mod:`cg3d_bids.signals`).
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .. import __version__, timings
+from .. import __version__, locks, logging_setup, signals, timings
 from ..cache import WorkCache
 from ..errors import (
     EXIT_DATAERR,
@@ -51,23 +54,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     _setup_logging(args.verbose)
     try:
-        return run(settings_from_args(args, argv))
+        with signals.stop_on_signals():
+            return run(settings_from_args(args, argv))
     except Cg3dError as exc:
-        LOGGER.error("%s", exc.render())
+        LOGGER.error("%s", exc.render(), exc_info=True, extra=logging_setup.FILE_ONLY)
         print(f"cg3d: error: {exc.render()}", file=sys.stderr)
         return exc.exit_code
-    except KeyboardInterrupt:
-        print("cg3d: interrupted; rerun the same command to resume from the work directory", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        name = exc.signame if isinstance(exc, signals.Interrupted) else "SIGINT"
+        print(f"cg3d: interrupted ({name}); rerun the same command to resume from the work directory",
+              file=sys.stderr)
+        return getattr(exc, "exit_code", 130)
 
 
 def _setup_logging(verbose: int) -> None:
-    level = max(logging.INFO - 5 * verbose, logging.DEBUG) if verbose else logging.INFO
-    logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s: %(message)s",
-                        datefmt="%H:%M:%S", stream=sys.stderr, force=True)
-    logging.getLogger("nipype.workflow").setLevel(logging.WARNING if verbose < 2 else logging.INFO)
-    logging.getLogger("nipype.interface").setLevel(logging.WARNING)
-    logging.getLogger("nipype.utils").setLevel(logging.WARNING)
+    logging_setup.configure(verbose)
 
 
 # --------------------------------------------------------------------------------------------
@@ -159,8 +160,19 @@ def run(settings: Settings) -> int:
     execution = settings.execution
     if execution.use_plugin:
         read_plugin_file(execution.use_plugin)  # a bad plugin file fails now, not after discovery
+    try:
+        with locks.hold(settings):
+            return _run_locked(settings)
+    except BaseException:
+        _remove_if_empty(settings.inputs.output_dir, output_existed)
+        raise
+
+
+def _run_locked(settings: Settings) -> int:
+    """The run, holding the output folder (and work dir) locks."""
+    execution = settings.execution
     if execution.clean_workdir and execution.work_dir.exists():
-        shutil.rmtree(execution.work_dir)
+        locks.clear_folder(execution.work_dir)
     execution.work_dir.mkdir(parents=True, exist_ok=True)
     run_id = time.strftime("%Y%m%d-%H%M%S") + "_" + uuid.uuid4().hex[:8]
     cache = WorkCache(execution.work_dir, run_id)
@@ -171,9 +183,6 @@ def run(settings: Settings) -> int:
                 settings.inputs.bids_dir)
     try:
         status = _run(settings, cache)
-    except BaseException:
-        _remove_if_empty(settings.inputs.output_dir, output_existed)
-        raise
     finally:
         logging.getLogger().removeHandler(log_file)
         log_file.close()
@@ -247,6 +256,7 @@ def _run(settings: Settings, cache: WorkCache) -> int:
     stored = {rec.bids_name: cache.store(rec) for recs in cohort.images.values() for rec in recs}
     stored.update({rec.bids_name: cache.store(rec) for recs in images.values() for rec in recs})
     selected_paths = {mod: [(r.bids_name, stored[r.bids_name]) for r in recs] for mod, recs in images.items()}
+    _write_dataset_files(settings)  # first: an interrupted run leaves a folder that validates
     cohort_paths = {mod: [(r.bids_name, stored[r.bids_name]) for r in (cohort.images.get(mod) or recs)]
                     for mod, recs in images.items()}
     subjects = sorted({rec.subject for recs in images.values() for rec in recs})
@@ -265,7 +275,9 @@ def _run(settings: Settings, cache: WorkCache) -> int:
         from .reference import finish_saved_reference
 
         finish_saved_reference(settings, cache, list(images))
-    _write_dataset_files(settings)
+    from ..bids.stale import check_subject_reports
+
+    check_subject_reports(inputs.output_dir, remove=settings.execution.remove_stale_outputs)
     failed = _failed_images(cache, images)
     if failed:
         LOGGER.error("%d image(s) failed or were skipped: %s (see the status and error columns of "
@@ -343,9 +355,9 @@ def _run_workflow(settings: Settings, settings_file: Path, cache: WorkCache, sel
                   subjects: list[str], batches=None) -> None:
     from nipype import config as nipype_config
 
-    from ..workflows.base import init_cg3d_wf
-
+    from .. import workers
     from ..resources import available_cpus, default_threads
+    from ..workflows.base import init_cg3d_wf
 
     execution = settings.execution
     cpus = available_cpus()
@@ -387,7 +399,7 @@ def _run_workflow(settings: Settings, settings_file: Path, cache: WorkCache, sel
     gc.freeze()
     t0 = time.monotonic()
     try:
-        wf.run(plugin=plugin, plugin_args=plugin_args)
+        wf.run(plugin=workers.runner(plugin, plugin_args), plugin_args=plugin_args)
     except Exception as exc:
         _raise_recorded_error(settings, cache, exc)
     finally:
@@ -453,6 +465,7 @@ def _raise_recorded_error(settings: Settings, cache: WorkCache, exc: Exception) 
     failure = cache.first_failure()
     if failure is None:
         raise Cg3dError(f"the workflow failed: {exc}", fix=f"see the crash files in {cache.run_dir / 'crash'}")
+    LOGGER.error("%s failed:\n%s", failure.context, failure.traceback, extra=logging_setup.FILE_ONLY)
     message = failure.message
     if failure.exit_code == EXIT_DATAERR and not settings.execution.skip_bad_images:
         message += "\n  or: rerun with --skip-bad-images to score the other images and list this one as skipped"
@@ -479,7 +492,7 @@ def _write_dataset_files(settings: Settings) -> None:
     write_dataset_description(settings.inputs.output_dir, bids_dir=settings.inputs.bids_dir, version=__version__,
                               derivatives=settings.inputs.derivatives)
     write_bidsignore(settings.inputs.output_dir)
-    write_readme(settings.inputs.output_dir)
+    write_readme(settings.inputs.output_dir, test_encoder=settings.run.is_test_encoder)
 
 
 def _finalise_logs(settings: Settings, cache: WorkCache) -> None:
@@ -506,13 +519,12 @@ def _finalise_logs(settings: Settings, cache: WorkCache) -> None:
 
 
 def _add_file_log(path: Path) -> logging.FileHandler:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(path)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s: %(message)s"))
-    logging.getLogger().addHandler(handler)
-    return handler
+    return logging_setup.add_file(path)
 
 
 def _remove_if_empty(path: Path, existed: bool) -> None:
-    if not existed and path.is_dir() and not any(path.iterdir()):
-        path.rmdir()
+    """Remove an output folder this run created and left with nothing but the dataset-level files."""
+    from ..bids.derivatives import remove_if_without_outputs
+
+    if not existed:
+        remove_if_without_outputs(path)

@@ -1,10 +1,15 @@
-"""Stage ``group``: ``group_<mod>.tsv``/``.json`` and ``group_<mod>.html`` of one modality."""
+"""Stage ``group``: ``group_<mod>.tsv``/``.json`` and ``group_<mod>.html`` of one modality.
+
+Outputs of images that are not part of this batch are stale (:mod:`cg3d_bids.bids.stale`): listed
+as ``stale`` rows and in ``StaleOutputs``, or removed with ``--remove-stale-outputs``.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 
 from ..bids.group_table import rank_and_percentile, table_row, write_group_table
+from ..bids.stale import check_modality, remove_files
 from ..records import BatchFacts, BatchScores, GroupSummary, ImageResult
 from .context import Ref, StageContext, stage
 
@@ -35,7 +40,11 @@ def group(ctx: StageContext, results: list[ImageResult], scores: list[Ref[BatchS
     summary = GroupSummary(modality=modality, results=tuple(results), batches=tuple(batches))
     out_dir = settings.inputs.output_dir
     provenance = settings.provenance()
-    write_group_table(out_dir, modality, [table_row(r) for r in results], provenance)
+    stale_rows, stale, to_remove = check_modality(out_dir, modality, results,
+                                                  remove=settings.execution.remove_stale_outputs)
+    write_group_table(out_dir, modality, [table_row(r) for r in results] + stale_rows, provenance,
+                      extra={"StaleOutputs": stale} if stale["Images"] else None)
+    remove_files(out_dir, to_remove)  # after the table: it never lists files that are gone
     one = batches[0] if len(batches) == 1 else None
     facts = {
         "B": summary.n_scored, "K": one.k if one else ", ".join(str(b.k) for b in batches),

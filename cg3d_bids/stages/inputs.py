@@ -24,8 +24,9 @@ class LoadedImage:
     mask: np.ndarray
 
 
-def load_inputs(ctx: StageContext, image: ImageRecord) -> LoadedImage:
-    """Read and check ``image`` and its brain mask from the configured mask source."""
+def load_inputs(ctx: StageContext, image: ImageRecord, *, warn: bool = False) -> LoadedImage:
+    """Read and check ``image`` and its brain mask from the configured mask source; ``warn``: log
+    what is suspicious about the mask's geometry (the ``prepare`` stage, once per image)."""
     from ..core.preprocessing import load_image_pair, load_mask_for_image, nonzero_mask
 
     native, canonical = load_image_pair(image.path)
@@ -33,7 +34,7 @@ def load_inputs(ctx: StageContext, image: ImageRecord) -> LoadedImage:
     if source == "derivatives":
         if image.mask_path is None:
             raise ValueError(f"{image.bids_name} has no mask path with --mask-source derivatives")
-        mask = load_mask_for_image(image.mask_path, canonical)
+        mask = load_mask_for_image(image.mask_path, canonical, warn=warn)
     elif source == "nonzero":
         mask = nonzero_mask(canonical)
     else:

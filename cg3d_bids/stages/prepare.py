@@ -59,7 +59,7 @@ def _prepare(ctx: StageContext, image: ImageRecord, key: str) -> PreparedImage:
     from ..core.preprocessing.nyul import check_landmarks, image_landmarks
 
     method = ctx.settings.method
-    loaded = load_inputs(ctx, image)
+    loaded = load_inputs(ctx, image, warn=True)
     cube = make_cube(loaded.canonical, loaded.mask, size=method.cube_size, fov_mm=method.fov_mm)
     brain = cube.data[cube.mask]
     if brain.size == 0:

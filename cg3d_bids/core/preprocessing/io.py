@@ -10,7 +10,11 @@ Images
 Masks
     :func:`load_mask_for_image` puts a brain mask on an image's canonical grid: used as is on the
     same grid, nearest-neighbour resampled when the grids differ but share world space, refused
-    (:class:`~cg3d_bids.errors.InputDataError`, exit 65) when it cannot be mapped.
+    (:class:`~cg3d_bids.errors.InputDataError`, exit 65) when it cannot be mapped. One warning
+    (naming both files) when the mask had to be resampled from another grid or when more than
+    :data:`WARN_MASK_ON_BACKGROUND` (10 %) of the mapped mask lies on background (voxels at most
+    :data:`BACKGROUND_LEVEL` (2 %) of the image's 99th percentile): mask and image are probably
+    not aligned, e.g. a mask of another shape written with the image's affine.
     :func:`nonzero_mask` derives a mask from an already skull-stripped image.
 
 Every error names the file and the fix. The source path travels with the in-memory images in
@@ -45,6 +49,11 @@ MIN_INSIDE_FOV_FRACTION = 0.5
 MIN_MASK_COVERAGE = 1e-3
 #: At most this fraction of a mapped mask may lie on exactly-zero image voxels (else misaligned).
 MAX_MASK_ON_ZERO = 0.5
+#: Warn when more than this fraction of a mapped mask lies on background.
+WARN_MASK_ON_BACKGROUND = 0.10
+#: Background: voxels at most this fraction of the image's 99th percentile (zero in skull-stripped
+#: images; MRI background noise is a few percent of tissue, CSF well above this).
+BACKGROUND_LEVEL = 0.02
 #: ``nonzero_mask`` drops connected components smaller than this fraction of the largest one.
 MIN_ISLAND_FRACTION = 0.05
 
@@ -223,14 +232,34 @@ class MappedMask:
     resampled: bool             # True when nearest-neighbour resampled from another grid
     inside_fov_fraction: float  # fraction of the mask's voxels inside the image's field of view
     source: str                 # mask file
+    background_fraction: float = 0.0  # fraction of the mapped mask on background (brain masks)
+    grid: tuple[int, ...] = ()  # shape of the mask file (canonical orientation)
+
+    def warning(self, image_name: str) -> str | None:
+        """One line saying what is suspicious about this mask's geometry, or None."""
+        notes = []
+        if self.resampled:
+            notes.append(f"it was resampled (nearest neighbour) from its own grid {self.grid}")
+        if self.background_fraction > WARN_MASK_ON_BACKGROUND:
+            notes.append(f"{self.background_fraction:.0%} of it lies on image background (more than "
+                         f"{WARN_MASK_ON_BACKGROUND:.0%}): mask and image are probably not aligned")
+        if not notes:
+            return None
+        return (f"brain mask {self.source} for image {image_name}: {'; '.join(notes)}; check that the mask was "
+                "made from this image (same grid or coregistered)")
 
 
-def load_mask_for_image(mask_path: PathLike, image: nib.Nifti1Image) -> np.ndarray:
+def load_mask_for_image(mask_path: PathLike, image: nib.Nifti1Image, *, warn: bool = True) -> np.ndarray:
     """Brain mask of ``mask_path`` as a bool array on ``image``'s (canonical) grid.
 
-    See :func:`map_mask_to_image`, which also says whether the mask was resampled.
+    See :func:`map_mask_to_image`, which also says whether the mask was resampled. ``warn``: log
+    :meth:`MappedMask.warning` (once per image: the stage that first checks it).
     """
-    return map_mask_to_image(mask_path, image).mask
+    mapped = map_mask_to_image(mask_path, image)
+    message = mapped.warning(source_name(image)) if warn else None
+    if message:
+        LOGGER.warning("%s", message)
+    return mapped.mask
 
 
 def map_mask_to_image(mask_path: PathLike, image: nib.Nifti1Image, *, brain: bool = True) -> MappedMask:
@@ -270,12 +299,23 @@ def map_mask_to_image(mask_path: PathLike, image: nib.Nifti1Image, *, brain: boo
                 f"voxels fall inside the image's field of view ({pair})", path=mask_path, fix=_MASK_FIX,
             )
         mapped = resample_mask(mask_data, np.linalg.inv(mask_can.affine) @ image.affine, shape)
-        LOGGER.info("mask %s resampled (nearest neighbour) from grid %s to the grid %s of %s",
-                    mask_path, mask_data.shape, shape, source_name(image))
+        LOGGER.debug("mask %s resampled (nearest neighbour) from grid %s to the grid %s of %s",
+                     mask_path, mask_data.shape, shape, source_name(image))
+    background = 0.0
     if brain:
-        _check_mapped_mask(mapped, np.asanyarray(image.dataobj), mask_path, pair)
+        data = np.asanyarray(image.dataobj)
+        _check_mapped_mask(mapped, data, mask_path, pair)
+        background = background_fraction(mapped, data)
     return MappedMask(mask=mapped, resampled=not same_grid, inside_fov_fraction=float(inside),
-                      source=str(mask_path))
+                      source=str(mask_path), background_fraction=background, grid=tuple(mask_data.shape))
+
+
+def background_fraction(mask: np.ndarray, data: np.ndarray) -> float:
+    """Fraction of ``mask`` on background voxels of ``data`` (at most :data:`BACKGROUND_LEVEL`
+    of its 99th percentile, estimated on every 2nd voxel per axis)."""
+    level = BACKGROUND_LEVEL * float(np.percentile(np.abs(data[::2, ::2, ::2]), 99))
+    inside = data[mask]
+    return float(np.mean(np.abs(inside) <= level)) if inside.size else 0.0
 
 
 def _load_mask_native(mask_path: Path) -> nib.Nifti1Image:
