@@ -375,6 +375,11 @@ def _value_for(item: dict, tmp_path: Path):
         "Device": "cpu",
         "Mem": "16G",
         "WorkDir": str(tmp_path / "work"),
+        "Stage": "score",
+        "Shard": "2/3",
+        "Reference": str(tmp_path / "bank"),
+        "SaveReference": str(tmp_path / "bank2"),
+        "LockWait": 5,
     }
     if item["id"] in files:
         name, content = files[item["id"]]
