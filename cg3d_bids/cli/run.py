@@ -275,9 +275,10 @@ def _run(settings: Settings, cache: WorkCache) -> int:
         from .reference import finish_saved_reference
 
         finish_saved_reference(settings, cache, list(images))
-    from ..bids.stale import check_subject_reports
+    if inputs.analysis_level == "group":
+        from ..bids.stale import check_subject_reports
 
-    check_subject_reports(inputs.output_dir, remove=settings.execution.remove_stale_outputs)
+        check_subject_reports(inputs.output_dir, remove=settings.execution.remove_stale_outputs)
     failed = _failed_images(cache, images)
     if failed:
         LOGGER.error("%d image(s) failed or were skipped: %s (see the status and error columns of "
