@@ -10,26 +10,32 @@ images, ``M`` the largest and ``V`` the total valid-token count, ``C`` the token
 - gathered tokens: the centred, augmented fp32 bank ``(C + 2) V 4``, the valid-token indices
   ``8 V`` and one scratch image ``M C 4`` (:class:`~.tiles.TokenBank`);
 - minimum table: ``Q B M 4`` (:class:`~.mutual.MinDistanceTable`);
-- distance tiles: per worker one ``rows x width`` fp32 block, two ``width`` vectors (column
-  minima), one image's row side ``M (C + 2) 4`` (:class:`~.tiles.TileWorker`) and the BLAS
-  library's packed copy of the GEMM operands on CPU, ``(rows + width) (C + 2) 4`` (measured:
-  MKL packs the whole right-hand operand of a single-threaded GEMM); one tile more while
-  re-scoring (the pair tiles of :meth:`~.tiles.TileWorker.pair_minima`);
-- sorting: one image's sorted MSV (values, int64 indices and the sort's contiguous copy of
-  its input, ``12 M B + 4 M B``);
-- CodeGraph gaps: the float64 temporaries of :func:`~.codegraph.scaled_gaps` for one image,
-  ``4 x 8 M (T + 1)``;
+- distance tiles: per worker one ``rows x width`` fp32 block (``width``: the widest group of
+  reference images), two ``width`` vectors (column minima), one image's row side
+  ``M (C + 2) 4`` (:class:`~.tiles.TileWorker`) and the BLAS library's packed copy of the
+  GEMM operands on CPU, ``(rows + width) (C + 2) 4`` (measured: MKL packs the whole
+  right-hand operand of a single-threaded GEMM); kept until the call ends (re-scoring reuses
+  them; freed memory of this size stays resident with glibc anyway);
+- re-score temporaries: per worker, a copy of the kept rows of a pair tile and one image's
+  row side, ``rows M 4 + M (C + 2) 4``;
+- sorting: per worker, one image's sorted MSV (values, int64 indices and the sort's
+  contiguous copy of its input, ``12 M B + 4 M B``);
+- CodeGraph gaps: per worker, the float64 temporaries of :func:`~.codegraph.scaled_gaps` for
+  one image, ``4 x 8 M (T + 1)``;
 - rows: the :class:`~.shards.RowScores` being built (``5 Q N`` scores and masks; with
   CodeGraph ``V_Q (28 + 2 T)`` per-token arrays, twice while they are concatenated);
 - graph: :class:`~.shards.GraphResult` (``13 B N + 16 B^2``) and the exclusion masks;
 - outputs: final scores and masks ``5 Q N`` plus, in one shot, the details' copies.
 
 The stages run these in sequence; the peak is the largest phase (tiles while the table is
-filled, sorting and rows while the rows are built, ...). On CUDA the bank, table, tiles and
+filled, sorting and rows while the rows are built, ...). Buffers above the allocator's mmap
+threshold (the bank, the table) return to the system when freed; smaller freed temporaries
+mostly stay resident, so later phases count them too. On CUDA the bank, table, tiles and
 sorting live on the device and are the prediction (``torch.cuda.max_memory_allocated``
 semantics; the caching allocator may reserve a little more); rows and CodeGraph arrays are host
 memory, reported as ``host_peak``. Not included: the caller's input tokens and the process
-baseline (Python, torch, libraries): pass them as ``held_bytes`` to :func:`plan_memory`.
+baseline (Python, torch and the libraries, python-igraph included: ~35 MB when the first
+community is searched): pass them as ``held_bytes`` to :func:`plan_memory`.
 Tested against the measured peak RSS of subprocesses (``tests/test_scoring_memory.py``).
 """
 
@@ -44,9 +50,12 @@ import torch
 
 from ...errors import TempFailError
 from .codegraph import CodeGraphSettings, max_rank
-from .tiles import DEFAULT_BLOCK_MB, TileShape, tile_shape
+from .tiles import DEFAULT_BLOCK_MB, TileShape, tile_shape, widest_group
 
 STAGES = ("one-shot", "score", "rescore", "graph")
+#: Safety margin of :func:`plan_memory` on the predicted working memory: measured peaks were
+#: 0.90-1.15x the prediction (tests/test_scoring_memory.py; allocator caching).
+DEFAULT_MARGIN = 0.15
 #: Smallest block setting the plan tries before giving up (MB): tiles of a few rows.
 MIN_BLOCK_MB = 1.0
 _F32, _I64 = 4, 8
@@ -101,11 +110,12 @@ class MemoryPlan:
 
     @property
     def peak(self) -> int:
+        """Largest predicted working memory of the stages (without margin or held memory)."""
         return max(e.peak for e in self.estimates)
 
     def describe(self) -> str:
         head = (f"memory plan: {self.n_shards} shard(s), block {self.block_mb:g} MB, predicted "
-                f"peak {_gib(self.peak)} of a {_gib(self.budget)} budget")
+                f"working memory {_gib(self.peak)} (budget {_gib(self.budget)})")
         return "\n".join([head] + [e.describe() for e in self.estimates])
 
 
@@ -185,26 +195,30 @@ def predict_memory(
     m, v, b, c, n = int(counts.max()), int(counts.sum()), n_images, int(dim), int(n_tokens)
     v_q = int(np.sort(counts)[::-1][:q].sum())  # the query images' valid tokens, at most
     tile = tile_shape(m, mb / n_w, device=dev)
-    width = max(tile.cols, m)
+    width = max(widest_group(counts, tile.cols), m)  # the widest group of reference images
+    rows = min(tile.rows, m)
 
     per_token = 28 + 2 * t if settings is not None else 0  # RowScores arrays per token
     v_rows = v if stage == "one-shot" else v_q
     q_rows = n_images if stage == "one-shot" else q
-    packing = (tile.rows + width) * (c + 2) * _F32 if dev.type == "cpu" else 0
-    one_tile = tile.rows * width * _F32 + 2 * width * _F32 + m * (c + 2) * _F32 + packing
+    packing = (rows + width) * (c + 2) * _F32 if dev.type == "cpu" else 0
+    one_tile = rows * width * _F32 + 2 * width * _F32 + m * (c + 2) * _F32 + packing
+
     terms = {
         "gathered tokens": (c + 2) * v * _F32 + v * _I64 + m * c * _F32,
         "minimum table": q * b * m * _F32,
         "distance tiles": n_w * one_tile,
-        "re-score tile": one_tile,
-        "sorting": 16 * m * b,
-        "codegraph gaps": 4 * 8 * m * (t + 1) if settings is not None else 0,
+        "re-score temporaries": n_w * (rows * m + m * (c + 2)) * _F32
+        if settings is not None else 0,
+        "sorting": n_w * 16 * m * b,
+        "codegraph gaps": n_w * 4 * 8 * m * (t + 1) if settings is not None else 0,
         "rows": 5 * q_rows * n + v_rows * per_token,
         "rows (concatenation)": v_rows * per_token,
         "graph": (13 * b * n + 16 * b * b) if settings is not None else 0,
         "outputs": 5 * q_rows * n + (8 * b * n if stage == "one-shot" and settings else 0),
     }
-    on_device = {"gathered tokens", "minimum table", "distance tiles", "re-score tile", "sorting"}
+    on_device = {"gathered tokens", "minimum table", "distance tiles", "re-score temporaries",
+                 "sorting"}
     codegraph_on = settings is not None
     phases = _phases(stage, terms, codegraph_on)
     if dev.type == "cpu":
@@ -221,17 +235,19 @@ def _phases(stage: str, t: dict[str, int], codegraph: bool) -> dict[str, int]:
     """Bytes alive in each phase of a stage."""
     if stage == "graph":
         return {"graph": t["rows"] + t["graph"]}
-    bank, table = t["gathered tokens"], t["minimum table"]
-    fill = bank + table + t["distance tiles"]
-    build = table + t["sorting"] + t["codegraph gaps"] + t["rows"] + t["rows (concatenation)"]
+    bank, table, tiles = t["gathered tokens"], t["minimum table"], t["distance tiles"]
+    fill = bank + table + tiles
+    build = (table + tiles + t["sorting"] + t["codegraph gaps"] + t["rows"]
+             + t["rows (concatenation)"])
     if stage == "score" or not codegraph:  # the bank is freed once the table is filled
         return {"fill table": fill, "build rows": build}
-    rescore = bank + table + t["re-score tile"] + t["sorting"] + t["graph"] + t["outputs"]
+    rescore = fill + t["re-score temporaries"] + t["sorting"] + t["graph"] + t["outputs"]
     if stage == "rescore":
         return {"fill table": fill, "re-score": rescore}
-    # one-shot CoDeGraph: the bank and the table stay until re-scoring ends
-    return {"fill table": fill, "build rows": build + bank + t["re-score tile"],
-            "re-score": rescore + t["rows"]}
+    # one-shot CoDeGraph: the bank and the table stay until re-scoring ends, and the freed
+    # temporaries of building the rows stay resident (the allocator keeps them)
+    return {"fill table": fill, "build rows": build + bank,
+            "re-score": rescore + t["codegraph gaps"] + t["rows"] + t["rows (concatenation)"]}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -249,6 +265,7 @@ def plan_memory(
     workers: int | None = None,
     held_bytes: int = 0,
     held_bytes_per_image: int = 0,
+    margin: float = DEFAULT_MARGIN,
 ) -> MemoryPlan:
     """Fit scoring of one layer into ``budget_bytes``, or raise :class:`TempFailError` (75).
 
@@ -257,7 +274,8 @@ def plan_memory(
     stage is planned; otherwise every stage of one shard (``ceil(B / n_shards)`` query images)
     and the graph stage. ``held_bytes`` (process baseline) and ``held_bytes_per_image`` (e.g.
     the loaded tokens of every layer and the per-layer scores) are memory the caller holds
-    meanwhile, counted against the budget. Results are byte-identical across shard counts
+    meanwhile, counted against the budget; the predicted working memory counts ``1 + margin``
+    times (:data:`DEFAULT_MARGIN`). Results are byte-identical across shard counts
     only for equal block settings: pass the returned ``block_mb`` to every shard.
 
     Raises
@@ -270,31 +288,38 @@ def plan_memory(
         raise ValueError(f"budget_bytes must be > 0, got {budget_bytes}")
     if n_shards < 1 or n_shards > n_images:
         raise ValueError(f"n_shards must be in [1, {n_images}], got {n_shards}")
+    if margin < 0:
+        raise ValueError(f"margin must be >= 0, got {margin}")
     counts = _counts(valid_counts, n_images)
-    kw = dict(codegraph=codegraph, device=device, workers=workers)
+    kw = dict(codegraph=codegraph, device=device, workers=workers, margin=margin)
     held = int(held_bytes) + int(held_bytes_per_image) * n_images
     requested = DEFAULT_BLOCK_MB if block_mb is None else float(block_mb)
     mb = requested
     while True:
         estimates = _stage_estimates(n_images, counts, dim, n_tokens, n_shards, mb, kw)
-        if max(e.peak for e in estimates) + held <= budget_bytes:
+        if _need(estimates, margin) + held <= budget_bytes:
             return MemoryPlan(mb, n_shards, int(budget_bytes), estimates)
         if mb <= MIN_BLOCK_MB:
             break
         mb = max(MIN_BLOCK_MB, mb / 2)
-    need = max(e.peak for e in estimates) + held
+    need = _need(estimates, margin) + held
     raise TempFailError(
         f"scoring one layer of {n_images} images (up to {int(counts.max())} valid tokens, "
         f"C = {dim}) in {n_shards} shard(s) needs at least about {_gib(need)} (smallest block "
-        f"{MIN_BLOCK_MB:g} MB, including {_gib(held)} held by the run), above the "
-        f"{_gib(budget_bytes)} budget",
+        f"{MIN_BLOCK_MB:g} MB, {100 * margin:.0f} % margin, including {_gib(held)} held by "
+        f"the run), above the {_gib(budget_bytes)} budget",
         fix=_fix(budget_bytes, n_images, counts, dim, n_tokens, n_shards, kw,
                  int(held_bytes), int(held_bytes_per_image)),
     )
 
 
+def _need(estimates: list[MemoryEstimate], margin: float) -> int:
+    return int(math.ceil(max(e.peak for e in estimates) * (1 + margin)))
+
+
 def _stage_estimates(n_images: int, counts: np.ndarray, dim: int, n_tokens: int,
                      n_shards: int, mb: float, kw: dict) -> list[MemoryEstimate]:
+    kw = {k: v for k, v in kw.items() if k != "margin"}
     if n_shards == 1:
         return [predict_memory("one-shot", n_images, counts, dim, n_tokens, block_mb=mb, **kw)]
     q = math.ceil(n_images / n_shards)
@@ -306,7 +331,7 @@ def _stage_estimates(n_images: int, counts: np.ndarray, dim: int, n_tokens: int,
 def _fits(budget: int, n_images: int, counts: np.ndarray, dim: int, n_tokens: int,
           n_shards: int, kw: dict, held: int, per_image: int) -> bool:
     estimates = _stage_estimates(n_images, counts, dim, n_tokens, n_shards, MIN_BLOCK_MB, kw)
-    return max(e.peak for e in estimates) + held + per_image * n_images <= budget
+    return _need(estimates, kw["margin"]) + held + per_image * n_images <= budget
 
 
 def _fix(budget: int, n_images: int, counts: np.ndarray, dim: int, n_tokens: int,

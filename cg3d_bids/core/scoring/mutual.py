@@ -33,7 +33,8 @@ import numpy as np
 import torch
 
 from ...errors import BatchTooSmallError, DeviceUnavailableError
-from .tiles import DEFAULT_BLOCK_MB, TileWorker, TokenBank, cpu_workers, fill_minima, tile_shape  # noqa: F401
+from .tiles import DEFAULT_BLOCK_MB, TileShape, TokenBank, fill_minima, tile_shape  # noqa: F401
+from .workers import core_workers
 
 #: Below this batch size the paper (Table 5) reports degraded, high-variance results.
 WARN_BELOW_BATCH = 15
@@ -186,21 +187,22 @@ def build_table(
     chunk_size: int | None = None,
     block_mb: float | None = None,
     device: str | torch.device = "cpu",
-) -> tuple[MinDistanceTable, TokenBank, TileWorker]:
-    """Table plus the gathered tokens and tile worker (reused by the CoDeGraph stage)."""
+) -> tuple[MinDistanceTable, TokenBank, TileShape]:
+    """Table plus the gathered tokens and the tile shape (reused by the CoDeGraph stage).
+
+    ``block_mb`` bounds the tiles of all worker threads together (:mod:`.workers`).
+    """
     tok, val = check_inputs(tokens, valid)
     dev = resolve_device(device)
     rows = _check_query(query, int(tok.shape[0]))
-    with torch.no_grad(), exact_fp32_matmul():
-        bank = TokenBank(tok, val, dev)
-        workers = cpu_workers(dev)
-        mb = (DEFAULT_BLOCK_MB if block_mb is None else float(block_mb)) / workers
+    with core_workers(dev) as workers, torch.no_grad(), exact_fp32_matmul():
+        bank = TokenBank(tok, val, dev, workers)
+        mb = (DEFAULT_BLOCK_MB if block_mb is None else float(block_mb)) / workers.n
         shape = tile_shape(int(bank.counts.max()), mb, chunk_size=chunk_size, device=dev)
         sq = empty_table(bank, len(rows))
-        fill_minima(bank, shape, sq, rows, workers)
-        worker = TileWorker(bank, shape)
+        fill_minima(bank, shape, sq, rows, workers)  # tile buffers kept for re-scoring
     table = MinDistanceTable(sq, rows, bank.positions, bank.counts, bank.n_tokens)
-    return table, bank, worker
+    return table, bank, shape
 
 
 def empty_table(bank: TokenBank, n_rows: int) -> torch.Tensor:
@@ -285,8 +287,9 @@ def score_row(table: MinDistanceTable, q: int, k: int) -> torch.Tensor:
 
 
 def scores_from_table(table: MinDistanceTable, k: int) -> torch.Tensor:
-    """``(Q, N)`` MuSc scores of the table's rows with ``K = k``."""
-    return torch.stack([score_row(table, q, k) for q in range(len(table.rows))])
+    """``(Q, N)`` MuSc scores of the table's rows with ``K = k`` (one job per row)."""
+    with core_workers(table.sq.device) as workers, torch.no_grad():
+        return torch.stack(workers.map(lambda q: score_row(table, q, k), range(len(table.rows))))
 
 
 def _like(scores: torch.Tensor, tokens: ArrayLike) -> ArrayLike:
@@ -337,11 +340,11 @@ def mutual_scores(
     BatchTooSmallError
         When ``K < 1``.
     """
-    tok, val = check_inputs(tokens, valid)
-    k = musc_k(int(tok.shape[0]), fraction)
-    warn_if_small(int(tok.shape[0]))
-    table = min_distance_table(tok, val, query=query, chunk_size=chunk_size,
-                               block_mb=block_mb, device=device)
-    with torch.no_grad():
+    with core_workers(resolve_device(device)):
+        tok, val = check_inputs(tokens, valid)
+        k = musc_k(int(tok.shape[0]), fraction)
+        warn_if_small(int(tok.shape[0]))
+        table = min_distance_table(tok, val, query=query, chunk_size=chunk_size,
+                                   block_mb=block_mb, device=device)
         scores = scores_from_table(table, k)
     return _like(scores, tokens)

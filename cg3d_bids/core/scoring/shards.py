@@ -52,14 +52,17 @@ from .mutual import (
     _check_query,
     _like,
     build_table,
+    resolve_device,
     check_inputs,
     exact_fp32_matmul,
     mean_smallest,
     musc_k,
+    score_row,
     sorted_msv,
     warn_if_small,
 )
-from .tiles import TileWorker, TokenBank
+from .tiles import TileShape, TileWorker, TokenBank, tile_worker
+from .workers import core_workers
 
 
 # ------------------------------------------------------------------------------------------------
@@ -259,36 +262,42 @@ def score_rows(
         As in :func:`~.mutual.mutual_scores`; ``block_mb`` must be the same in every shard
         for byte-identical results.
     """
-    tok, val = check_inputs(tokens, valid)
-    n_images = int(tok.shape[0])
-    k = musc_k(n_images, fraction)
-    warn_if_small(n_images)
-    table, _, _ = build_table(tok, val, query=query, chunk_size=chunk_size, block_mb=block_mb,
-                              device=device)
-    return rows_from_table(table, k, codegraph)
+    with core_workers(resolve_device(device)):
+        tok, val = check_inputs(tokens, valid)
+        n_images = int(tok.shape[0])
+        k = musc_k(n_images, fraction)
+        warn_if_small(n_images)
+        table, _, _ = build_table(tok, val, query=query, chunk_size=chunk_size,
+                                  block_mb=block_mb, device=device)
+        return rows_from_table(table, k, codegraph)
 
 
 def rows_from_table(table: MinDistanceTable, k: int,
                     codegraph: CodeGraphSettings | None) -> RowScores:
-    """:class:`RowScores` of the table's rows."""
+    """:class:`RowScores` of the table's rows (one job per row)."""
     n_images, n_tokens = table.n_images, table.n_tokens
     n_gaps = max_rank(n_images, codegraph) if codegraph is not None else 0
-    rows = len(table.rows)
-    scores = np.zeros((rows, n_tokens), dtype=np.float32)
-    valid = np.zeros((rows, n_tokens), dtype=bool)
-    parts: list[tuple[np.ndarray, ...]] = []
-    with torch.no_grad():
-        for q, image in enumerate(table.rows):
-            positions = table.positions[image].numpy()
-            valid[q, positions] = True
+
+    def one_row(q: int) -> tuple[np.ndarray, ...]:
+        with torch.no_grad():
             distances, neighbours = sorted_msv(table, q)
-            scores[q, positions] = mean_smallest(distances, k).cpu().numpy()
-            if codegraph is not None:
-                parts.append(_token_stats(distances, neighbours, n_gaps, codegraph, n_images))
+            scores = mean_smallest(distances, k).cpu().numpy()
+            if codegraph is None:
+                return (scores,)
+            return (scores,) + _token_stats(distances, neighbours, n_gaps, codegraph, n_images)
+
+    with core_workers(table.sq.device) as workers:
+        parts = workers.map(one_row, range(len(table.rows)))
+    scores = np.zeros((len(table.rows), n_tokens), dtype=np.float32)
+    valid = np.zeros(scores.shape, dtype=bool)
+    for q, image in enumerate(table.rows):
+        positions = table.positions[image].numpy()
+        valid[q, positions] = True
+        scores[q, positions] = parts[q][0]
     if codegraph is None:
         extras = _empty_extras(0, n_images)
     else:
-        extras = tuple(np.concatenate([p[i] for p in parts]) for i in range(5))
+        extras = tuple(np.concatenate([p[i] for p in parts]) for i in range(1, 6))
     return RowScores(
         images=np.asarray(table.rows, dtype=np.int64), counts=table.counts.astype(np.int64),
         valid=valid, scores=scores, k=int(k), codegraph=codegraph is not None, n_gaps=n_gaps,
@@ -441,9 +450,10 @@ def rescore_rows(
     excluded = np.zeros(scores.shape, dtype=bool)
     members = [i for i in query if graph.community[i] >= 0]
     if members:
-        table, bank, worker = build_table(tok, val, query=members, chunk_size=chunk_size,
-                                          block_mb=block_mb, device=device)
-        final, masks = rescore_table(table, bank, worker, graph, k)
+        with core_workers(resolve_device(device)):
+            table, bank, shape = build_table(tok, val, query=members, chunk_size=chunk_size,
+                                             block_mb=block_mb, device=device)
+            final, masks = rescore_table(table, bank, shape, graph, k)
         where = {image: q for q, image in enumerate(query)}
         for image in members:
             scores[where[image]] = final[image]
@@ -468,34 +478,40 @@ def _musc_rows(rows: RowScores | Sequence[RowScores], query: tuple[int, ...], k:
     return out
 
 
-def exclusion_masks(bank: TokenBank, worker: TileWorker, members: list[int],
+def exclusion_masks(bank: TokenBank, shape: TileShape, members: list[int],
                     graph: GraphResult) -> list[torch.Tensor]:
     """Tokens of each member removed from the other members' reference sets (compact order).
 
     Its own suspicious tokens and, with ``expand_exclusion``, every token lying within the
     burnout radius of a suspicious token of another member (its unflagged look-alikes). Only
-    the suspicious tokens' rows are multiplied, one GEMM per ordered member pair.
+    the suspicious tokens' rows are multiplied, one GEMM per ordered member pair; one job per
+    member.
     """
     device = bank.device
     flags = [torch.from_numpy(graph.suspicious[a][graph.valid[a]]).to(device) for a in members]
-    masks = [f.clone() for f in flags]
     if not graph.settings.expand_exclusion:
-        return masks
-    sources = []
-    for x, a in enumerate(members):
+        return [f.clone() for f in flags]
+
+    def source(x: int) -> tuple[torch.Tensor, torch.Tensor]:
         index = torch.nonzero(flags[x]).flatten()
-        radius = graph.radius[a][graph.valid[a]][index.cpu().numpy()]
-        sources.append((bank.row_side(a, index),
-                        torch.from_numpy(radius * radius).to(device=device, dtype=torch.float32)))
-    for y, b in enumerate(members):
-        for x in range(len(members)):
-            lhs, radii2 = sources[x]
+        radius = graph.radius[members[x]][graph.valid[members[x]]][index.cpu().numpy()]
+        return (bank.row_side(members[x], index),
+                torch.from_numpy(radius * radius).to(device=device, dtype=torch.float32))
+
+    def mask(y: int) -> torch.Tensor:
+        worker = tile_worker(workers, bank, shape)
+        out = flags[y].clone()
+        for x, (lhs, radii2) in enumerate(sources):
             if x != y and lhs.shape[0]:
-                masks[y] |= worker.near_any(lhs, radii2, b)
-    return masks
+                out |= worker.near_any(lhs, radii2, members[y])
+        return out
+
+    with core_workers(device) as workers:
+        sources = workers.map(source, range(len(members)))
+        return workers.map(mask, range(len(members)))
 
 
-def rescore_table(table: MinDistanceTable, bank: TokenBank, worker: TileWorker,
+def rescore_table(table: MinDistanceTable, bank: TokenBank, shape: TileShape,
                   graph: GraphResult, k: int) -> tuple[dict[int, np.ndarray], dict[int, np.ndarray]]:
     """Re-score the table's rows that belong to a community, in place.
 
@@ -503,44 +519,36 @@ def rescore_table(table: MinDistanceTable, bank: TokenBank, worker: TileWorker,
     """
     where = {image: q for q, image in enumerate(table.rows)}
     scores, excluded = {}, {}
-    with torch.no_grad(), exact_fp32_matmul():
+    with core_workers(bank.device) as workers, torch.no_grad(), exact_fp32_matmul():
         for members in graph.communities:
             targets = [a for a in members if a in where]
             if not targets:
                 continue
-            masks = exclusion_masks(bank, worker, members, graph)
-            _rescore_pairs(table, bank, worker, members, masks, where)
-            for x, a in enumerate(members):
-                if a in where:
-                    distances, _ = sorted_msv(table, where[a])
-                    row = np.zeros(table.n_tokens, dtype=np.float32)
-                    positions = table.positions[a].numpy()
-                    row[positions] = mean_smallest(distances, k).cpu().numpy()
-                    scores[a] = row
-                    mask = np.zeros(table.n_tokens, dtype=bool)
-                    mask[positions] = masks[x].cpu().numpy()
-                    excluded[a] = mask
+            masks = exclusion_masks(bank, shape, members, graph)
+            pairs = [(x, y) for x in range(len(members)) for y in range(x + 1, len(members))
+                     if members[x] in where or members[y] in where]
+            workers.map(lambda xy: _rescore_pair(tile_worker(workers, bank, shape), table,
+                                                 members, masks, where, *xy), pairs)
+            rows = workers.map(lambda a: score_row(table, where[a], k), targets)
+            for a, row in zip(targets, rows):
+                scores[a] = row.cpu().numpy()
+                mask = np.zeros(table.n_tokens, dtype=bool)
+                mask[table.positions[a].numpy()] = masks[members.index(a)].cpu().numpy()
+                excluded[a] = mask
     return scores, excluded
 
 
-def _rescore_pairs(table: MinDistanceTable, bank: TokenBank, worker: TileWorker,
-                   members: list[int], masks: list[torch.Tensor], where: dict[int, int]) -> None:
-    """Minima of every member pair touching a table row, with the exclusions (pair tiles)."""
-    for x, a in enumerate(members):
-        row_side = None
-        for y in range(x + 1, len(members)):
-            b = members[y]
-            if a not in where and b not in where:
-                continue
-            if row_side is None:
-                row_side = bank.row_side(a)
-            n_a, n_b = int(bank.counts[a]), int(bank.counts[b])
-            worker.pair_minima(
-                row_side, b,
-                table.sq[where[a], b, :n_a] if a in where else None,
-                table.sq[where[b], a, :n_b] if b in where else None,
-                exclude_rows=masks[x], exclude_cols=masks[y],
-            )
+def _rescore_pair(worker: TileWorker, table: MinDistanceTable, members: list[int],
+                  masks: list[torch.Tensor], where: dict[int, int], x: int, y: int) -> None:
+    """Minima of one member pair with the exclusions, into the table rows it touches."""
+    a, b = members[x], members[y]
+    n_a, n_b = int(worker.bank.counts[a]), int(worker.bank.counts[b])
+    worker.pair_minima(
+        worker.bank.row_side(a), b,
+        table.sq[where[a], b, :n_a] if a in where else None,
+        table.sq[where[b], a, :n_b] if b in where else None,
+        exclude_rows=masks[x], exclude_cols=masks[y],
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -583,15 +591,16 @@ def codegraph_scores(
         Only with ``return_details=True``.
     """
     settings = settings or CodeGraphSettings()
-    tok, val = check_inputs(tokens, valid)
-    n_images = int(tok.shape[0])
-    k = musc_k(n_images, fraction)
-    warn_if_small(n_images)
-    table, bank, worker = build_table(tok, val, chunk_size=chunk_size, block_mb=block_mb,
-                                      device=device)
-    rows = rows_from_table(table, k, settings)
-    graph = build_graph([rows], n_images, settings)
-    final, masks = rescore_table(table, bank, worker, graph, k)
+    with core_workers(resolve_device(device)):
+        tok, val = check_inputs(tokens, valid)
+        n_images = int(tok.shape[0])
+        k = musc_k(n_images, fraction)
+        warn_if_small(n_images)
+        table, bank, shape = build_table(tok, val, chunk_size=chunk_size, block_mb=block_mb,
+                                         device=device)
+        rows = rows_from_table(table, k, settings)
+        graph = build_graph([rows], n_images, settings)
+        final, masks = rescore_table(table, bank, shape, graph, k)
     scores = rows.scores.copy()
     excluded = np.zeros(scores.shape, dtype=bool)
     for image, row in final.items():

@@ -25,20 +25,23 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from .workers import CoreWorkers
+
 #: Default memory of one distance block in MB (matches the app's ``--score-chunk-mb``).
 DEFAULT_BLOCK_MB = 256.0
-#: CPU tile shape: rows of the row image and columns (reference tokens) per GEMM. Tuned on a
-#: 2-core AVX-512 machine with ``benchmarks/bench_scoring.py`` (C = 384, 1,000-2,500 valid
-#: tokens): a ``512 x ~8192`` fp32 block (16 MB) runs the GEMM within a few % of the large
-#: square matmul rate while its two reductions stay cheap.
+#: CPU tile shape: rows of the row image and columns (reference tokens) per GEMM. Measured on
+#: a 2-core AVX-512 machine (MKL, C = 384, N = 1369; single-thread CPU time, best of 8):
+#: 256-1369 rows x 1369-8192 columns all ran at 70-73 % of the single-thread 4096^3 matmul
+#: (GEMM ~85 % of the time at ~85-90 % of that rate, the two reductions ~13 %: MKL stores the
+#: block with streaming stores, so they read it back from memory). ``512 x 4096`` (8 MB) is
+#: among the fastest and bounds the tile and MKL's packed copy of it to ~15 MB per thread.
 CPU_TILE_ROWS = 512
-CPU_TILE_COLS = 8192
+CPU_TILE_COLS = 4096
 #: Fewest rows per tile when memory is tight: 1-row blocks fall back to a GEMV kernel.
 MIN_TILE_ROWS = 2
 
@@ -99,6 +102,12 @@ def column_groups(counts: np.ndarray, first: int, cols: int) -> list[tuple[int, 
     return groups
 
 
+def widest_group(counts: np.ndarray, cols: int) -> int:
+    """Columns of the widest group of :func:`column_groups` over every row image."""
+    return max((int(counts[g0:g1].sum()) for first in range(1, len(counts))
+                for g0, g1 in column_groups(counts, first, cols)), default=int(counts.max()))
+
+
 # ------------------------------------------------------------------------------------------------
 class TokenBank:
     """The valid tokens of every image, gathered once, centred and augmented, on ``device``.
@@ -115,46 +124,57 @@ class TokenBank:
         Valid tokens per image.
     """
 
-    def __init__(self, tokens: torch.Tensor, valid: torch.Tensor, device: torch.device):
+    def __init__(self, tokens: torch.Tensor, valid: torch.Tensor, device: torch.device,
+                 workers: CoreWorkers | None = None):
+        workers = workers or CoreWorkers(None, 1)
         self.device = device
         self.n_images, self.n_tokens, self.dim = (int(s) for s in tokens.shape)
         valid_cpu = valid.cpu()
         self.positions = [torch.nonzero(valid_cpu[i]).flatten() for i in range(self.n_images)]
         self.counts = np.array([len(p) for p in self.positions], dtype=np.int64)
         self.starts = np.concatenate([[0], np.cumsum(self.counts)]).astype(np.int64)
-        scratch = torch.empty((int(self.counts.max()), self.dim), dtype=torch.float32,
-                              device=device)
-        mean = self._mean(tokens, scratch)
         self.cols = torch.empty((self.dim + 2, int(self.starts[-1])), dtype=torch.float32,
                                 device=device)
-        for i in range(self.n_images):
-            self._gather(tokens, i, mean, scratch)
+        # No per-image allocation outlives its job (kept small objects between large freed
+        # temporaries fragment the heap): sums go to one table, temporaries to per-thread scratch.
+        sums = torch.empty((self.n_images, self.dim), dtype=torch.float32, device=device)
+        scratch = (lambda: torch.empty((int(self.counts.max()), self.dim), dtype=torch.float32,
+                                       device=device))
+        images = range(self.n_images)
+        workers.map(lambda i: self._gather(tokens, i, sums[i],
+                                           workers.local(("bank", id(self)), scratch)), images)
+        mean = (sums.to(torch.float64).sum(dim=0) / float(self.counts.sum())).to(torch.float32)
+        finite = workers.map(lambda i: self._centre(i, mean,
+                                                    workers.local(("bank", id(self)), scratch)),
+                             images)
+        workers.release(("bank", id(self)))
+        if not all(finite):
+            raise ValueError(f"image {finite.index(False)} has non-finite valid tokens (NaN, "
+                             "Inf, or too large for fp32 distances)")
 
-    def _image(self, tokens: torch.Tensor, i: int, scratch: torch.Tensor) -> torch.Tensor:
-        """Valid tokens of image ``i`` as fp32 on the device, in ``scratch``."""
-        pos = self.positions[i].to(tokens.device)
-        out = scratch[: len(pos)]
-        if tokens.dtype == torch.float32 and tokens.device == out.device:
-            torch.index_select(tokens[i], 0, pos, out=out)
-        else:
-            out.copy_(tokens[i].index_select(0, pos))
-        return out
-
-    def _mean(self, tokens: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
-        total = torch.zeros(self.dim, dtype=torch.float64, device=self.device)
-        for i in range(self.n_images):
-            total += self._image(tokens, i, scratch).sum(dim=0).to(torch.float64)
-        return (total / float(self.counts.sum())).to(torch.float32)
-
-    def _gather(self, tokens: torch.Tensor, i: int, mean: torch.Tensor,
+    def _gather(self, tokens: torch.Tensor, i: int, total: torch.Tensor,
                 scratch: torch.Tensor) -> None:
-        x = self._image(tokens, i, scratch).sub_(mean)
-        if not bool(torch.isfinite(x).all()):
-            raise ValueError(f"image {i} has non-finite valid tokens (NaN or Inf)")
-        out = self.image_cols(i)
-        out[: self.dim] = x.t()
-        out[self.dim] = 1.0
-        torch.linalg.vecdot(x, x, dim=1, out=out[self.dim + 1])
+        """Copy image ``i``'s valid tokens (fp32) into the bank and their sum into ``total``."""
+        block = self.image_cols(i)[: self.dim]
+        x = scratch[: block.shape[1]]
+        pos = self.positions[i].to(tokens.device)
+        if tokens.dtype == torch.float32 and tokens.device == x.device:
+            torch.index_select(tokens[i], 0, pos, out=x)
+        else:
+            x.copy_(tokens[i].index_select(0, pos))
+        block.copy_(x.t())
+        torch.sum(x, dim=0, out=total)
+
+    def _centre(self, i: int, mean: torch.Tensor, scratch: torch.Tensor) -> bool:
+        """Centre image ``i`` and fill its ``1`` and ``|x|^2`` rows; False if not finite."""
+        block = self.image_cols(i)
+        x = block[: self.dim]
+        x.sub_(mean.unsqueeze(1))
+        square = scratch[: x.shape[1]].t()
+        torch.mul(x, x, out=square)
+        block[self.dim] = 1.0
+        torch.sum(square, dim=0, out=block[self.dim + 1])
+        return bool(torch.isfinite(block[self.dim + 1]).all())  # NaN/Inf make the norm so
 
     def image_cols(self, i: int) -> torch.Tensor:
         """``(C + 2, n_i)`` view of image ``i``'s columns."""
@@ -185,7 +205,7 @@ class TileWorker:
         self.bank = bank
         max_n = int(bank.counts.max())
         self.shape = TileShape(min(shape.rows, max_n), shape.cols)
-        self.width = max(shape.cols, max_n)
+        self.width = max(widest_group(bank.counts, shape.cols), max_n)
         dev = bank.device
         self._buffer = torch.empty(self.shape.rows * self.width, dtype=torch.float32, device=dev)
         self._colmin = torch.empty(self.width, dtype=torch.float32, device=dev)
@@ -275,65 +295,38 @@ class TileWorker:
         """
         rhs = self.bank.image_cols(b)
         near = torch.zeros(rhs.shape[1], dtype=torch.bool, device=self.bank.device)
-        step = max(1, self.shape.rows * self.width // max(1, rhs.shape[1]))
-        for r0 in range(0, lhs.shape[0], step):
-            r1 = min(lhs.shape[0], r0 + step)
+        for r0 in range(0, lhs.shape[0], self.shape.rows):
+            r1 = min(lhs.shape[0], r0 + self.shape.rows)
             block = self._block(lhs[r0:r1], rhs)
             near |= (block < radii2[r0:r1].unsqueeze(1)).any(dim=0)
         return near
 
 
 # ------------------------------------------------------------------------------------------------
-def cpu_workers(device: torch.device) -> int:
-    """Tile worker threads: torch's thread count on CPU (one single-threaded tile per core),
-    1 on CUDA."""
-    return max(1, torch.get_num_threads()) if device.type == "cpu" else 1
+def tile_worker(workers: CoreWorkers, bank: TokenBank, shape: TileShape) -> TileWorker:
+    """The calling thread's :class:`TileWorker` (one buffer per worker thread)."""
+    return workers.local(("tiles", id(bank), shape), lambda: TileWorker(bank, shape))
 
 
 def fill_minima(bank: TokenBank, shape: TileShape, table: torch.Tensor, rows: Sequence[int],
-                n_workers: int = 1) -> int:
+                workers: CoreWorkers | None = None) -> int:
     """Fill ``table[q, j, :n]`` (squared minima of image ``rows[q]`` against image ``j``).
 
-    Computes every tile that touches a row image, with the full run's shapes. With
-    ``n_workers > 1`` (CPU) the row images are shared among that many threads, each running
-    single-threaded kernels on its own tiles (no barrier per operation; each tile stays in its
-    core's cache); torch's thread count is set to 1 meanwhile and restored. Every table entry
-    is written by exactly one tile, so the result does not depend on the scheduling.
-    Returns the number of GEMMs run.
+    Computes every tile that touches a row image, with the full run's shapes; one job per row
+    image (:mod:`.workers`). Every table entry is written by exactly one tile, so the result
+    does not depend on the scheduling. Returns the number of GEMMs run.
     """
+    workers = workers or CoreWorkers(None, 1)
     where = {image: q for q, image in enumerate(rows)}
-    units = [a for a in range(bank.n_images) if _unit_work(bank, shape, a, where)]
-    if n_workers <= 1 or len(units) <= 1:
-        worker = TileWorker(bank, shape)
-        for a in units:
-            _row_image(worker, table, a, where)
-        return worker.gemm_calls
-    threads = torch.get_num_threads()
-    workers = [TileWorker(bank, shape) for _ in range(n_workers)]
-    free = list(workers)
-
-    def run(a: int) -> None:
-        worker = free.pop()
-        try:
-            _row_image(worker, table, a, where)
-        finally:
-            free.append(worker)
-
-    try:
-        with ThreadPoolExecutor(n_workers, initializer=torch.set_num_threads,
-                                initargs=(1,)) as pool:
-            list(pool.map(run, units))
-    finally:
-        torch.set_num_threads(threads)
-    return sum(w.gemm_calls for w in workers)
+    units = [a for a in range(bank.n_images)
+             if a in where or any(j in where for j in range(a + 1, bank.n_images))]
+    calls = workers.map(lambda a: _row_image(tile_worker(workers, bank, shape), table, a, where),
+                        units)
+    return sum(calls)
 
 
-def _unit_work(bank: TokenBank, shape: TileShape, a: int, where: dict[int, int]) -> bool:
-    return a in where or any(j in where for j in range(a + 1, bank.n_images))
-
-
-def _row_image(worker: TileWorker, table: torch.Tensor, a: int, where: dict[int, int]) -> None:
-    """All needed tiles of row image ``a``."""
+def _row_image(worker: TileWorker, table: torch.Tensor, a: int, where: dict[int, int]) -> int:
+    """All needed tiles of row image ``a``; the number of GEMMs run."""
     bank = worker.bank
     qa = where.get(a)
     todo = []
@@ -341,8 +334,9 @@ def _row_image(worker: TileWorker, table: torch.Tensor, a: int, where: dict[int,
         col_out = [(j, table[where[j], a]) for j in range(g0, g1) if j in where]
         if qa is not None or col_out:
             todo.append((g0, g1, col_out))
-    if not todo:
-        return
-    row_side = bank.row_side(a)
-    for g0, g1, col_out in todo:
-        worker.group_minima(row_side, g0, g1, None if qa is None else table[qa], col_out)
+    before = worker.gemm_calls
+    if todo:
+        row_side = bank.row_side(a)
+        for g0, g1, col_out in todo:
+            worker.group_minima(row_side, g0, g1, None if qa is None else table[qa], col_out)
+    return worker.gemm_calls - before
