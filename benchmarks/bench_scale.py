@@ -198,7 +198,7 @@ def table_sizes(args) -> None:
 
 def run_sharded(args, n_shards: int, work: Path) -> dict:
     b = args.shard_batch
-    parts = [list(range(b))[k::n_shards] for k in range(n_shards)]  # interleaved shards
+    parts = [p.tolist() for p in np.array_split(np.arange(b), n_shards)]  # consecutive images
     score = [_spawn(args, "score", images=b, work=work, shard=k, query=",".join(map(str, p)))
              for k, p in enumerate(parts)]
     graph = _spawn(args, "graph", images=b, work=work)
@@ -245,7 +245,9 @@ def table_shards(args) -> None:
           "score shard + graph + slowest re-score shard (one machine per shard). A pair of "
           "images in two different shards is computed by both (each pair once within a shard), "
           "so the score stage's total work grows towards 2x; re-scoring recomputes the rows "
-          "of community members only.")
+          "of community members only. Shards are runs of consecutive images: a tile multiplies "
+          "a group of consecutive reference images, so scattered query images would make "
+          "nearly every tile touch every shard.")
 
 
 def parse_args(argv):

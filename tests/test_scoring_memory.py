@@ -95,7 +95,8 @@ def test_prediction_matches_the_measured_peak(cfg):
 def test_terms_follow_the_shapes():
     est = predict_memory("score", 50, 2000, 384, 4096, n_query=10, workers=2)
     assert est.terms["minimum table"] == 10 * 50 * 2000 * 4
-    assert est.terms["gathered tokens"] == 386 * 50 * 2000 * 4 + 8 * 50 * 2000 + 2000 * 384 * 4
+    assert est.terms["gathered tokens"] == (386 * 50 * 2000 * 4 + 8 * 50 * 2000
+                                            + (50 + 2 * 2000) * 384 * 4)
     assert est.peak == max(est.phases.values()) == est.host_peak
     more = predict_memory("score", 50, 2000, 384, 4096, n_query=20, workers=2)
     assert more.peak - est.peak == 10 * 50 * 2000 * 4  # the table grows with the query

@@ -140,6 +140,13 @@ def test_column_groups_cover_the_references_once():
         assert covered == list(range(first, len(counts)))
         for g0, g1 in groups:
             assert g1 - g0 == 1 or counts[g0:g1].sum() <= 12
+    rng = np.random.default_rng(0)
+    for _ in range(300):  # widest_group (two pointers) against every group of every row image
+        counts = rng.integers(1, 20, size=rng.integers(2, 15))
+        cols = int(rng.integers(1, 60))
+        widths = [counts[g0:g1].sum() for first in range(1, len(counts))
+                  for g0, g1 in tiles.column_groups(counts, first, cols)]
+        assert tiles.widest_group(counts, cols) == max(max(widths), counts.max())
 
 
 def _tiles_used(monkeypatch, tokens, valid, **kwargs):

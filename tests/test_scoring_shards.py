@@ -169,6 +169,29 @@ def test_rescore_without_members_does_no_token_work(monkeypatch):
         rescore_rows(tokens, valid, planted[0][:1], 0.3, rows, graph)
 
 
+def test_kept_tables_rescore_without_recomputing_rows(monkeypatch):
+    """``keep_table=True``: re-scoring reads the kept minima (same bytes, no new table)."""
+    tokens, valid, _, planted = make_batch("prototypes", seed=4, groups=(5,))
+    scores, details = codegraph_scores(tokens, valid, return_details=True)
+    settings = CodeGraphSettings()
+    parts = partition(len(tokens), 3, seed=7)
+    rows = [score_rows(tokens, valid, p, 0.3, codegraph=settings, keep_table=True) for p in parts]
+    assert all(r.table.shape == (len(p), len(tokens), valid.sum(1).max())
+               for r, p in zip(rows, parts))
+    graph = build_graph(rows, len(tokens), settings)
+    assert graph.communities == details.communities == planted
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("rows recomputed although their tables were kept")
+
+    monkeypatch.setattr(shards_module, "build_table", forbidden)
+    got = np.zeros_like(scores)
+    for p, row in zip(parts, rows):
+        got[p] = rescore_rows(tokens, valid, p, 0.3, RowScores.from_arrays(row.to_arrays()),
+                              graph).scores
+    assert np.array_equal(got, scores)
+
+
 def test_stage_inputs_are_checked():
     tokens, valid, _, _ = make_batch("prototypes", seed=2, n_images=10)
     settings = CodeGraphSettings()

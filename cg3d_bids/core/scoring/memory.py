@@ -8,7 +8,8 @@ images, ``M`` the largest and ``V`` the total valid-token count, ``C`` the token
 ``W`` tile worker threads (CPU: torch's thread count; CUDA: 1).
 
 - gathered tokens: the centred, augmented fp32 bank ``(C + 2) V 4``, the valid-token indices
-  ``8 V`` and one scratch image ``M C 4`` (:class:`~.tiles.TokenBank`);
+  ``8 V``, the per-image sums ``B C 4`` and one scratch image per worker ``M C 4``
+  (:class:`~.tiles.TokenBank`);
 - minimum table: ``Q B M 4`` (:class:`~.mutual.MinDistanceTable`);
 - distance tiles: per worker one ``rows x width`` fp32 block (``width``: the widest group of
   reference images), two ``width`` vectors (column minima), one image's row side
@@ -205,7 +206,7 @@ def predict_memory(
     one_tile = rows * width * _F32 + 2 * width * _F32 + m * (c + 2) * _F32 + packing
 
     terms = {
-        "gathered tokens": (c + 2) * v * _F32 + v * _I64 + m * c * _F32,
+        "gathered tokens": (c + 2) * v * _F32 + v * _I64 + (b + n_w * m) * c * _F32,
         "minimum table": q * b * m * _F32,
         "distance tiles": n_w * one_tile,
         "re-score temporaries": n_w * (rows * m + m * (c + 2)) * _F32

@@ -196,13 +196,24 @@ def build_table(
     dev = resolve_device(device)
     rows = _check_query(query, int(tok.shape[0]))
     with core_workers(dev) as workers, torch.no_grad(), exact_fp32_matmul():
-        bank = TokenBank(tok, val, dev, workers)
-        mb = (DEFAULT_BLOCK_MB if block_mb is None else float(block_mb)) / workers.n
-        shape = tile_shape(int(bank.counts.max()), mb, chunk_size=chunk_size, device=dev)
+        bank, shape = build_bank(tok, val, chunk_size=chunk_size, block_mb=block_mb, device=dev)
         sq = empty_table(bank, len(rows))
         fill_minima(bank, shape, sq, rows, workers)  # tile buffers kept for re-scoring
     table = MinDistanceTable(sq, rows, bank.positions, bank.counts, bank.n_tokens)
     return table, bank, shape
+
+
+def build_bank(tok: torch.Tensor, val: torch.Tensor, *, chunk_size: int | None,
+               block_mb: float | None, device: torch.device) -> tuple[TokenBank, TileShape]:
+    """The gathered tokens and the tile shape of checked inputs (no distances yet).
+
+    ``block_mb`` bounds the tiles of all worker threads together (:mod:`.workers`).
+    """
+    with core_workers(device) as workers, torch.no_grad():
+        bank = TokenBank(tok, val, device, workers)
+        mb = (DEFAULT_BLOCK_MB if block_mb is None else float(block_mb)) / workers.n
+        shape = tile_shape(int(bank.counts.max()), mb, chunk_size=chunk_size, device=device)
+    return bank, shape
 
 
 def empty_table(bank: TokenBank, n_rows: int) -> torch.Tensor:

@@ -51,6 +51,7 @@ from .mutual import (
     MinDistanceTable,
     _check_query,
     _like,
+    build_bank,
     build_table,
     resolve_device,
     check_inputs,
@@ -126,6 +127,11 @@ class RowScores(_Arrays):
         Burnout radius ``sqrt(d_(m) d_(m+1))``.
     neighbours : (V, T) int16 (int32 when B > 32767)
         The ``T`` nearest images of each token, nearest first.
+    table : (Q, B, M) float32, or (0, 0, 0)
+        With ``score_rows(..., keep_table=True)``: the squared per-(token, image) minima of
+        the query images (:class:`~.mutual.MinDistanceTable`), so that :func:`rescore_rows`
+        does not recompute them (``Q B M 4`` bytes: about 1.8 MB per image at B = 180,
+        M = 2,500).
     """
 
     images: np.ndarray
@@ -141,6 +147,7 @@ class RowScores(_Arrays):
     rank: np.ndarray
     radius: np.ndarray
     neighbours: np.ndarray
+    table: np.ndarray
 
     @property
     def n_images(self) -> int:
@@ -244,6 +251,7 @@ def score_rows(
     block_mb: float | None = None,
     chunk_size: int | None = None,
     device: str | torch.device = "cpu",
+    keep_table: bool = False,
 ) -> RowScores:
     """MuSc rows of the query images and, with ``codegraph``, the graph's per-token inputs.
 
@@ -261,6 +269,10 @@ def score_rows(
     block_mb, chunk_size, device
         As in :func:`~.mutual.mutual_scores`; ``block_mb`` must be the same in every shard
         for byte-identical results.
+    keep_table : bool, default False
+        Keep the query images' squared-minimum table in the rows (``RowScores.table``):
+        :func:`rescore_rows` then re-scores community members from it instead of
+        recomputing their rows (same values, so the same results), at ``Q B M 4`` bytes.
     """
     with core_workers(resolve_device(device)):
         tok, val = check_inputs(tokens, valid)
@@ -269,11 +281,11 @@ def score_rows(
         warn_if_small(n_images)
         table, _, _ = build_table(tok, val, query=query, chunk_size=chunk_size,
                                   block_mb=block_mb, device=device)
-        return rows_from_table(table, k, codegraph)
+        return rows_from_table(table, k, codegraph, keep_table)
 
 
-def rows_from_table(table: MinDistanceTable, k: int,
-                    codegraph: CodeGraphSettings | None) -> RowScores:
+def rows_from_table(table: MinDistanceTable, k: int, codegraph: CodeGraphSettings | None,
+                    keep_table: bool = False) -> RowScores:
     """:class:`RowScores` of the table's rows (one job per row)."""
     n_images, n_tokens = table.n_images, table.n_tokens
     n_gaps = max_rank(n_images, codegraph) if codegraph is not None else 0
@@ -304,6 +316,8 @@ def rows_from_table(table: MinDistanceTable, k: int,
         distance_floor=codegraph.distance_floor if codegraph is not None else math.nan,
         gap_sum=extras[0], gap_max=extras[1], rank=extras[2], radius=extras[3],
         neighbours=extras[4],
+        table=(table.sq.cpu().numpy() if keep_table
+               else np.zeros((0, 0, 0), dtype=np.float32)),
     )
 
 
@@ -450,9 +464,17 @@ def rescore_rows(
     excluded = np.zeros(scores.shape, dtype=bool)
     members = [i for i in query if graph.community[i] >= 0]
     if members:
-        with core_workers(resolve_device(device)):
-            table, bank, shape = build_table(tok, val, query=members, chunk_size=chunk_size,
-                                             block_mb=block_mb, device=device)
+        dev = resolve_device(device)
+        with core_workers(dev):
+            kept = _kept_table(rows, members, dev)
+            if kept is None:
+                table, bank, shape = build_table(tok, val, query=members, chunk_size=chunk_size,
+                                                 block_mb=block_mb, device=dev)
+            else:
+                bank, shape = build_bank(tok, val, chunk_size=chunk_size, block_mb=block_mb,
+                                         device=dev)
+                table = MinDistanceTable(kept, tuple(members), bank.positions, bank.counts,
+                                         bank.n_tokens)
             final, masks = rescore_table(table, bank, shape, graph, k)
         where = {image: q for q, image in enumerate(query)}
         for image in members:
@@ -460,6 +482,19 @@ def rescore_rows(
             excluded[where[image]] = masks[image]
     return RescoredRows(images=np.asarray(query, dtype=np.int64), scores=scores,
                         excluded=excluded)
+
+
+def _kept_table(rows: RowScores | Sequence[RowScores], members: list[int],
+                device: torch.device) -> torch.Tensor | None:
+    """The members' rows of the kept tables (``keep_table=True``), or None if any is absent."""
+    found = {}
+    for row in [rows] if isinstance(rows, RowScores) else rows:
+        if row.table.size:
+            for q, image in enumerate(row.images.tolist()):
+                found[image] = row.table[q]
+    if any(m not in found for m in members):
+        return None
+    return torch.from_numpy(np.stack([found[m] for m in members])).to(device)
 
 
 def _musc_rows(rows: RowScores | Sequence[RowScores], query: tuple[int, ...], k: int,

@@ -11,9 +11,10 @@ The references ``b > a`` of row image ``a`` are split into *groups* of consecuti
 whose tokens together fill at most ``TileShape.cols`` columns (one image at least); a tile is
 ``rows`` rows of ``a`` against one group, one GEMM into a preallocated buffer. Its row minima
 per reference image give ``a -> b``; its column minima (a running minimum over the row blocks
-of ``a``) give ``b -> a``. Several reference images per GEMM keep it near the machine's peak
-(a (1369 x 386) x (386 x 1369) GEMM runs well below the throughput of wide ones), and blocks
-of a few MB keep the two reductions in cache.
+of ``a``) give ``b -> a``. Several reference images per GEMM keep small images' GEMMs wide
+(BLAS libraries and GPUs run wide GEMMs closer to their peak) and the tile bounded whatever the
+image sizes; the CPU tile shape below is what measured best. On CPU each row image's tiles
+are one single-threaded job of :mod:`.workers`.
 
 Exactness of shards. The tiles depend only on the valid counts and the tile shape, never on
 which images are queried: a run over some query images computes the tiles that touch them,
@@ -42,8 +43,6 @@ DEFAULT_BLOCK_MB = 256.0
 #: among the fastest and bounds the tile and MKL's packed copy of it to ~15 MB per thread.
 CPU_TILE_ROWS = 512
 CPU_TILE_COLS = 4096
-#: Fewest rows per tile when memory is tight: 1-row blocks fall back to a GEMV kernel.
-MIN_TILE_ROWS = 2
 
 
 @dataclass(frozen=True)
@@ -103,9 +102,23 @@ def column_groups(counts: np.ndarray, first: int, cols: int) -> list[tuple[int, 
 
 
 def widest_group(counts: np.ndarray, cols: int) -> int:
-    """Columns of the widest group of :func:`column_groups` over every row image."""
-    return max((int(counts[g0:g1].sum()) for first in range(1, len(counts))
-                for g0, g1 in column_groups(counts, first, cols)), default=int(counts.max()))
+    """Columns of the widest group of :func:`column_groups` over every row image.
+
+    Every image ``i >= 1`` starts a group (for row image ``i - 1``) and the first group from
+    ``i`` is the longest run from ``i`` within ``cols``, so the answer is the widest such run
+    (two pointers, O(B)).
+    """
+    counts = [int(c) for c in counts]
+    widest, end, width = max(counts), 1, 0
+    for start in range(1, len(counts)):
+        if end <= start:
+            end, width = start + 1, counts[start]
+        while end < len(counts) and width + counts[end] <= cols:
+            width += counts[end]
+            end += 1
+        widest = max(widest, width)
+        width -= counts[start]
+    return widest
 
 
 # ------------------------------------------------------------------------------------------------
