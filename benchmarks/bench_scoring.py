@@ -1,25 +1,37 @@
-"""Benchmark of MuSc mutual scoring (one layer) against a naive per-pair ``torch.cdist`` loop.
+"""Benchmark of MuSc mutual scoring (one layer): against the official MuSc scorer and fp32 matmul.
 
-Prints a Markdown table: seconds per layer for each batch size at two distance-block sizes,
-the naive baseline, the effective GFLOP/s of the scorer (``2 N_i N_j C`` per image pair
-actually computed, i.e. ``B (B - 1) / 2`` pairs) next to a large fp32 matmul measured in the same
-run, and peak memory. Every configuration runs in a fresh subprocess so that the peak RSS
-(``resource.getrusage``; ``torch.cuda.max_memory_allocated`` on GPU) is its own; "work" is the
-peak minus the memory held once the input tokens exist.
+Two tables (Markdown):
 
-    python benchmarks/bench_scoring.py                       # B = 15, 30, 60; N = 2000; C = 384
-    python benchmarks/bench_scoring.py --quick               # naive baseline sampled on 60 pairs
-    python benchmarks/bench_scoring.py --device cuda --sizes 15,30,60,120
+1. **Official comparison** (one process, runs alternated): cg3d's ``mutual_scores`` and the
+   official ``MSM`` of xrli-U/MuSc (``models/modules/_MSM.py``: every pair computed in both
+   directions with ``torch.cdist``) on identical tokens (default B = 32, N = 1369, C = 384: the
+   issue's shape), with a large fp32 matmul (4096^3) timed between them. Reported: best and
+   median seconds of each, the speed-up (ratio of medians), cg3d's throughput as a share of the
+   matmul's (``2 N^2 C`` flops per image pair, ``B (B - 1) / 2`` pairs), and the largest score
+   difference (the check: <= 1e-5). The official code is loaded at run time from a copy of
+   their repository (``--musc-repo``: a clone or a bare git directory, e.g. the one the
+   ``fetch`` tool makes); it is never copied into this repository. Without it the table says
+   so and only cg3d is timed.
+2. **Batch sizes** (a fresh subprocess per configuration, so that peak memory is its own):
+   seconds per layer for each B at two block settings, CoDeGraph's total, the effective
+   GFLOP/s next to the matmul measured in the same process, and peak memory (RSS on CPU,
+   ``torch.cuda.max_memory_allocated`` on GPU) against the plan's prediction.
+
+    python benchmarks/bench_scoring.py --musc-repo /work/.mirror/xrli-U+MuSc/repo
+    python benchmarks/bench_scoring.py --musc-repo ~/src/MuSc --rounds 5 --sizes 15,30
+    python benchmarks/bench_scoring.py --device cuda --sizes 15,30,60,120 --no-official
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
-import resource
+import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -28,183 +40,285 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+MSM_PATH = "models/modules/_MSM.py"
+MATMUL_SIZE = 4096
 
 
 # ------------------------------------------------------------------------------------------------
-# measurements (run in children)
+# shared measurements
 def _sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
 
 
-def _rss_mb() -> float:
-    with open("/proc/self/statm") as fh:
-        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+def _timed(fn, device: str) -> tuple[float, object]:
+    _sync(device)
+    t0 = time.perf_counter()
+    out = fn()
+    _sync(device)
+    return time.perf_counter() - t0, out
+
+
+def matmul_gflops(device: str, size: int = MATMUL_SIZE, repeats: int = 2) -> float:
+    """Best of ``repeats`` fp32 ``size^3`` matmuls (TF32 off), GFLOP/s."""
+    from cg3d_bids.core.scoring.mutual import exact_fp32_matmul
+
+    a = torch.randn(size, size, device=device)
+    b = torch.randn(size, size, device=device)
+    out = torch.empty(size, size, device=device)
+    with exact_fp32_matmul():
+        torch.mm(a, b, out=out)
+        best = min(_timed(lambda: torch.mm(a, b, out=out), device)[0] for _ in range(repeats))
+    return 2 * size**3 / best / 1e9
+
+
+def tokens_for(n_images: int, n_tokens: int, dim: int, device: str, seed: int = 0):
+    """Unit-norm Gaussian tokens (every token valid), as the official scorer expects."""
+    gen = torch.Generator().manual_seed(seed)
+    tokens = torch.randn(n_images, n_tokens, dim, generator=gen)
+    tokens /= tokens.norm(dim=-1, keepdim=True)
+    return tokens.to(device), torch.ones(n_images, n_tokens, dtype=torch.bool, device=device)
+
+
+def pair_flops(n_images: int, n_tokens: int, dim: int) -> float:
+    return n_images * (n_images - 1) / 2 * 2 * n_tokens**2 * dim
+
+
+# ------------------------------------------------------------------------------------------------
+# the official scorer, loaded from a copy of their repository
+def load_official_msm(repo: str | None):
+    """``(MSM function, description)`` from a clone or bare git dir of xrli-U/MuSc, or
+    ``(None, reason)``."""
+    if not repo:
+        return None, "no --musc-repo given"
+    path = Path(repo).expanduser()
+    if (path / MSM_PATH).is_file():
+        source, origin = (path / MSM_PATH).read_text(), f"{path / MSM_PATH}"
+    else:
+        git_dir = path / ".git" if (path / ".git").exists() else path
+        result = subprocess.run(["git", "--git-dir", str(git_dir), "show", f"HEAD:{MSM_PATH}"],
+                                capture_output=True, text=True)
+        if result.returncode:
+            return None, f"{MSM_PATH} not found in {path} ({result.stderr.strip()})"
+        commit = subprocess.run(["git", "--git-dir", str(git_dir), "rev-parse", "HEAD"],
+                                capture_output=True, text=True).stdout.strip()
+        source, origin = result.stdout, f"{path} @ {commit[:12]}"
+    folder = Path(tempfile.mkdtemp(prefix="musc_msm_"))
+    (folder / "_MSM.py").write_text(source)
+    os.environ.setdefault("TQDM_DISABLE", "1")  # their loop shows a tqdm bar
+    spec = importlib.util.spec_from_file_location("musc_official_msm", folder / "_MSM.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.MSM, origin
+
+
+def run_compare(args: argparse.Namespace) -> dict:
+    """Alternate cg3d, the official MSM and the matmul in this process."""
+    from cg3d_bids.core.scoring import musc_k, mutual_scores
+
+    warnings.simplefilter("ignore")
+    msm, origin = load_official_msm(args.musc_repo)
+    b, n, c = args.compare_shape
+    tokens, valid = tokens_for(b, n, c, args.device)
+    if msm is not None and musc_k(b, 0.3) != int((b - 1) * 0.3):
+        raise SystemExit(f"K differs from the official int((B - 1) * 0.3) at B = {b}")
+    small, small_valid = tokens_for(6, 64, c, args.device, seed=1)  # warm-up, both scorers
+    mutual_scores(small, small_valid, device=args.device)
+    if msm is not None:
+        msm(small, args.device)
+    times: dict[str, list[float]] = {"cg3d": [], "official": [], "matmul": []}
+    ours = theirs = None
+    for _ in range(args.rounds):
+        seconds, ours = _timed(lambda: mutual_scores(tokens, valid, device=args.device),
+                               args.device)
+        times["cg3d"].append(seconds)
+        if msm is not None:
+            with torch.no_grad():
+                seconds, theirs = _timed(lambda: msm(tokens, args.device), args.device)
+            times["official"].append(seconds)
+        times["matmul"].append(2 * MATMUL_SIZE**3 / matmul_gflops(args.device, repeats=1) / 1e9)
+    diff = None
+    if theirs is not None:
+        diff = float((ours.double() - theirs.double().to(ours.device)).abs().max())
+    return {"times": times, "origin": origin, "max_abs_diff": diff, "shape": [b, n, c],
+            "threads": torch.get_num_threads()}
+
+
+# ------------------------------------------------------------------------------------------------
+# batch-size sweep (one configuration per child process)
+def _status_mb(field: str) -> float:
+    with open("/proc/self/status") as fh:
+        return next(int(line.split()[1]) / 1024 for line in fh if line.startswith(field + ":"))
+
+
+def _reset_peak(device: str) -> float:
+    """Reset the peak (``VmHWM`` through ``/proc/self/clear_refs``; CUDA's peak stats) and
+    return the memory held now, MB."""
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+        return torch.cuda.memory_allocated() / 2**20
+    with open("/proc/self/clear_refs", "w") as fh:
+        fh.write("5")
+    return _status_mb("VmRSS")
 
 
 def _peak_mb(device: str) -> float:
     if device.startswith("cuda"):
         return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KB on Linux
+    return _status_mb("VmHWM")
 
 
-def _held_mb(device: str) -> float:
-    return torch.cuda.memory_allocated() / 2**20 if device.startswith("cuda") else _rss_mb()
-
-
-def _tokens(n_images: int, n_tokens: int, dim: int, device: str):
-    gen = torch.Generator().manual_seed(0)
-    tokens = torch.randn(n_images, n_tokens, dim, generator=gen)
-    tokens /= tokens.norm(dim=-1, keepdim=True)
-    valid = torch.ones(n_images, n_tokens, dtype=torch.bool)
-    return tokens.to(device), valid.to(device)
-
-
-def matmul_gflops(device: str, size: int = 4096, repeats: int = 3) -> float:
-    a = torch.randn(size, size, device=device)
-    b = torch.randn(size, size, device=device)
-    torch.mm(a, b)
-    best = float("inf")
-    for _ in range(repeats):
-        _sync(device)
-        t0 = time.perf_counter()
-        torch.mm(a, b)
-        _sync(device)
-        best = min(best, time.perf_counter() - t0)
-    return 2 * size**3 / best / 1e9
-
-
-def run_ours(args: argparse.Namespace) -> dict:
+def run_size(args: argparse.Namespace) -> dict:
     from cg3d_bids.core.scoring import codegraph_scores, mutual_scores
+    from cg3d_bids.core.scoring.memory import predict_memory
 
     warnings.simplefilter("ignore")
-    fn = codegraph_scores if args.child == "codegraph" else mutual_scores
-    kwargs = {"block_mb": args.block_mb} if args.child == "ours" else {}
-    fn(*_tokens(5, 64, args.dim, args.device), device=args.device, **kwargs)  # warm-up
-    tokens, valid = _tokens(args.images, args.tokens, args.dim, args.device)
-    held = _held_mb(args.device)
-    best = float("inf")
-    for _ in range(args.repeats):
-        _sync(args.device)
-        t0 = time.perf_counter()
-        fn(tokens, valid, device=args.device, **kwargs)
-        _sync(args.device)
-        best = min(best, time.perf_counter() - t0)
+    graph = args.child == "codegraph"
+    fn = codegraph_scores if graph else mutual_scores
+    kwargs = {"block_mb": args.block} if args.block else {}
+    import igraph  # noqa: F401  (the graph step's library: process baseline, not working memory)
+
+    fn(*tokens_for(6, 64, args.dim, args.device), device=args.device)  # warm-up
+    tokens, valid = tokens_for(args.images, args.tokens, args.dim, args.device)
+    held = _reset_peak(args.device)
+    best = min(_timed(lambda: fn(tokens, valid, device=args.device, **kwargs), args.device)[0]
+               for _ in range(args.repeats))
     peak = _peak_mb(args.device)
-    del tokens, valid
-    gflops = matmul_gflops(args.device)  # same process, right after: the reference throughput
-    return {"seconds": best, "peak_mb": peak, "work_mb": peak - held, "matmul_gflops": gflops}
+    plan = predict_memory("one-shot", args.images, args.tokens, args.dim, args.tokens,
+                          codegraph=graph, block_mb=args.block or None, device=args.device)
+    return {"seconds": best, "work_mb": peak - held, "predicted_mb": plan.peak / 2**20,
+            "matmul_gflops": matmul_gflops(args.device)}
 
 
-def run_naive(args: argparse.Namespace) -> dict:
-    """for each i, for each j != i: cdist(tokens_i, tokens_j).min(dim=1); top-K mean."""
-    tokens, valid = _tokens(args.images, args.tokens, args.dim, args.device)
-    torch.cdist(tokens[0], tokens[1]).min(dim=1)  # warm-up
-    b = args.images
-    pairs = [(i, j) for i in range(b) for j in range(b) if i != j]
-    sample = pairs if not args.naive_pairs else pairs[:: max(1, len(pairs) // args.naive_pairs)]
-    _sync(args.device)
-    t0 = time.perf_counter()
-    mins = {}
-    for i, j in sample:
-        mins[i, j] = torch.cdist(tokens[i][valid[i]], tokens[j][valid[j]]).min(dim=1).values
-    _sync(args.device)
-    seconds = (time.perf_counter() - t0) * len(pairs) / len(sample)
-    return {"seconds": seconds, "sampled_pairs": len(sample), "pairs": len(pairs)}
-
-
-def child_main(args: argparse.Namespace) -> None:
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.child == "naive":
-        result = run_naive(args)
-    else:
-        result = run_ours(args)
-    print("RESULT " + json.dumps(result))
-
-
-# ------------------------------------------------------------------------------------------------
-# driver
 def _spawn(args: argparse.Namespace, child: str, **extra) -> dict:
     cmd = [sys.executable, __file__, "--child", child, "--device", args.device,
-           "--tokens", str(args.tokens), "--dim", str(args.dim), "--repeats", str(args.repeats)]
+           "--tokens", str(args.tokens), "--dim", str(args.dim), "--repeats", str(args.repeats),
+           "--rounds", str(args.rounds),
+           "--compare-shape", ",".join(str(s) for s in args.compare_shape)]
+    if args.musc_repo:
+        cmd += ["--musc-repo", args.musc_repo]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
     for key, value in extra.items():
         cmd += [f"--{key.replace('_', '-')}", str(value)]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-    line = [row for row in out.splitlines() if row.startswith("RESULT ")][-1]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    if out.returncode:
+        raise SystemExit(f"child {child} failed:\n{out.stderr[-3000:]}")
+    line = [row for row in out.stdout.splitlines() if row.startswith("RESULT ")][-1]
     return json.loads(line[len("RESULT "):])
 
 
-def main(argv: list[str] | None = None) -> None:
+# ------------------------------------------------------------------------------------------------
+# tables
+def print_compare(result: dict, device: str) -> None:
+    b, n, c = result["shape"]
+    times = result["times"]
+    flops = pair_flops(b, n, c)
+    ours_best, ours_med = min(times["cg3d"]), statistics.median(times["cg3d"])
+    peak = 2 * MATMUL_SIZE**3 / min(times["matmul"]) / 1e9
+    share = flops / ours_best / 1e9 / peak
+    print(f"\n### cg3d vs official MuSc MSM: B = {b}, N = {n}, C = {c}, device {device}, "
+          f"{result['threads']} threads, {len(times['cg3d'])} alternated rounds\n")
+    print("| scorer | best s | median s | all runs s | GFLOP/s (best) | share of fp32 matmul |")
+    print("|---|---|---|---|---|---|")
+    print(f"| cg3d `mutual_scores` | {ours_best:.2f} | {ours_med:.2f} | "
+          f"{', '.join(f'{t:.2f}' for t in times['cg3d'])} | {flops / ours_best / 1e9:.0f} | "
+          f"{100 * share:.0f} % |")
+    if times["official"]:
+        best, med = min(times["official"]), statistics.median(times["official"])
+        print(f"| official `MSM` (both directions, cdist) | {best:.2f} | {med:.2f} | "
+              f"{', '.join(f'{t:.2f}' for t in times['official'])} | {flops / best / 1e9:.0f} "
+              f"(pairs once) | {100 * flops / best / 1e9 / peak:.0f} % |")
+    print(f"| fp32 matmul {MATMUL_SIZE}^3 | {min(times['matmul']):.3f} | "
+          f"{statistics.median(times['matmul']):.3f} | | {peak:.0f} | 100 % |")
+    if times["official"]:
+        ratio = statistics.median(times["official"]) / ours_med
+        best_ratio = min(times["official"]) / ours_best
+        diff = result["max_abs_diff"]
+        verdict = "PASS" if diff <= 1e-5 else "FAIL"
+        print(f"\nspeed-up over the official scorer: {ratio:.2f}x (medians), {best_ratio:.2f}x "
+              f"(best runs). Largest |cg3d - official| score difference: {diff:.2e} "
+              f"({verdict} at 1e-5). Official code: {result['origin']}.")
+    else:
+        print(f"\nofficial MuSc scorer NOT AVAILABLE ({result['origin']}): pass --musc-repo "
+              "PATH (a clone or bare git directory of https://github.com/xrli-U/MuSc); only "
+              "cg3d was timed.")
+
+
+def print_sizes(args: argparse.Namespace, rows: list) -> None:
+    unit = "GPU MB" if args.device.startswith("cuda") else "RSS MB"
+    blocks = args.block_mb
+    print(f"\n### One layer by batch size: N = {args.tokens} valid tokens, C = {args.dim}, "
+          f"device {args.device}\n")
+    head = ["B"] + [f"MuSc s ({mb:g} MB)" for mb in blocks] + [
+        "GFLOP/s", "fp32 matmul GFLOP/s", "share of matmul"]
+    head += [f"work {unit} ({mb:g} MB)" for mb in blocks] + ["plan MB (first block)"]
+    if not args.no_codegraph:
+        head += ["CoDeGraph s", f"CoDeGraph work {unit}", "plan MB"]
+    print("| " + " | ".join(head) + " |")
+    print("|" + "---|" * len(head))
+    for b, ours, graph in rows:
+        fastest = min(ours, key=lambda o: o["seconds"])
+        gflops = pair_flops(b, args.tokens, args.dim) / fastest["seconds"] / 1e9
+        cells = [str(b)] + [f"{o['seconds']:.2f}" for o in ours] + [
+            f"{gflops:.0f}", f"{fastest['matmul_gflops']:.0f}",
+            f"{100 * gflops / fastest['matmul_gflops']:.0f} %"]
+        cells += [f"{o['work_mb']:.0f}" for o in ours] + [f"{ours[0]['predicted_mb']:.0f}"]
+        if graph is not None:
+            cells += [f"{graph['seconds']:.2f}", f"{graph['work_mb']:.0f}",
+                      f"{graph['predicted_mb']:.0f}"]
+        print("| " + " | ".join(cells) + " |")
+    print("\nwork = peak (VmHWM reset once the input tokens exist) minus the memory held then; plan = "
+          "`predict_memory` of the one-shot stage (cg3d_bids/core/scoring/memory.py). The "
+          "fp32 matmul runs in the same process right after the timed run.")
+
+
+# ------------------------------------------------------------------------------------------------
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--musc-repo", default=os.environ.get("MUSC_REPO"),
+                        help="clone or bare git dir of xrli-U/MuSc (default: $MUSC_REPO)")
+    parser.add_argument("--compare-shape", default="32,1369,384",
+                        help="B,N,C of the official comparison")
+    parser.add_argument("--rounds", type=int, default=3, help="alternated rounds (comparison)")
+    parser.add_argument("--no-official", action="store_true", help="skip the comparison table")
     parser.add_argument("--sizes", default="15,30,60", help="batch sizes B, comma-separated")
     parser.add_argument("--tokens", type=int, default=2000, help="valid tokens per image N")
     parser.add_argument("--dim", type=int, default=384, help="token dimension C")
-    parser.add_argument("--repeats", type=int, default=1, help="timed runs per config (best)")
+    parser.add_argument("--repeats", type=int, default=1, help="timed runs per size (best)")
     parser.add_argument("--block-mb", default="256,8",
-                        help="two distance-block memory settings (MB), comma-separated")
-    parser.add_argument("--quick", action="store_true",
-                        help="time the naive baseline on a sample of 60 pairs and extrapolate")
-    parser.add_argument("--naive-pairs", type=int, default=0, help=argparse.SUPPRESS)
+                        help="two block memory settings (MB), comma-separated")
+    parser.add_argument("--no-sizes", action="store_true", help="skip the batch-size table")
     parser.add_argument("--no-codegraph", action="store_true", help="skip the CoDeGraph column")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's)")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--images", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--block", type=float, default=0.0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    args.compare_shape = [int(s) for s in args.compare_shape.split(",")]
+    args.block_mb = [float(s) for s in args.block_mb.split(",")]
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.child:
-        if args.child in ("ours",):
-            args.block_mb = float(args.block_mb)
-        child_main(args)
+        result = run_compare(args) if args.child == "compare" else run_size(args)
+        print("RESULT " + json.dumps(result))
         return
-
-    sizes = [int(s) for s in args.sizes.split(",")]
-    blocks = [float(s) for s in args.block_mb.split(",")]
-    naive_pairs = 60 if args.quick else 0
-    threads = args.threads or torch.get_num_threads()
-    rows = []
-    for b in sizes:
-        ours = [_spawn(args, "ours", images=b, block_mb=mb) for mb in blocks]
-        naive = _spawn(args, "naive", images=b, naive_pairs=naive_pairs)
-        graph = None if args.no_codegraph else _spawn(args, "codegraph", images=b)
-        flops = b * (b - 1) / 2 * 2 * args.tokens**2 * args.dim
-        fastest = min(ours, key=lambda o: o["seconds"])
-        rows.append((b, ours, naive, graph, flops / fastest["seconds"] / 1e9, fastest))
-        print(f"B={b} done", file=sys.stderr, flush=True)
-
-    unit = "GPU MB" if args.device.startswith("cuda") else "RSS MB"
-    print(f"\nMuSc scoring, one layer: N = {args.tokens} valid tokens, C = {args.dim}, "
-          f"device {args.device}, {threads} threads\n")
-    head = ["B"] + [f"ours s ({mb:g} MB)" for mb in blocks] + [
-        "naive cdist s", "speed-up", "ours GFLOP/s", "fp32 matmul GFLOP/s", "% of matmul"]
-    head += [f"peak {unit} ({mb:g} MB)" for mb in blocks] + [f"work {unit} ({mb:g} MB)" for mb in blocks]
-    head += [f"work - data MB ({mb:g} MB)" for mb in blocks]
-    if not args.no_codegraph:
-        head.append("CoDeGraph s")
-    print("| " + " | ".join(head) + " |")
-    print("|" + "---|" * len(head))
-    for b, ours, naive, graph, gflops, fastest in rows:
-        naive_s = f"{naive['seconds']:.1f}" + ("*" if naive["sampled_pairs"] < naive["pairs"] else "")
-        matmul = fastest["matmul_gflops"]
-        cells = [str(b)] + [f"{o['seconds']:.2f}" for o in ours] + [
-            naive_s, f"{naive['seconds'] / fastest['seconds']:.2f}x", f"{gflops:.0f}",
-            f"{matmul:.0f}", f"{100 * gflops / matmul:.0f} %"]
-        cells += [f"{o['peak_mb']:.0f}" for o in ours] + [f"{o['work_mb']:.0f}" for o in ours]
-        data_mb = (b * args.tokens * (args.dim + 2) + b * b * args.tokens) * 4 / 2**20
-        cells += [f"{o['work_mb'] - data_mb:.0f}" for o in ours]
-        if graph is not None:
-            cells.append(f"{graph['seconds']:.2f}")
-        print("| " + " | ".join(cells) + " |")
-    if any(n["sampled_pairs"] < n["pairs"] for _, _, n, _, _, _ in rows):
-        print("\n\\* naive time extrapolated from a sample of ordered pairs (--quick).")
-    print("\nfp32 matmul: 4096^3 torch.mm measured in the same process right after the timed run. "
-          "work = peak minus the memory held once the input tokens exist: the gathered fp32 "
-          "token copy (B N (C + 2) 4 bytes), the (B, B, N) minimum table and one distance block. "
-          "work - data = work minus those two (which grow with the data by design): the memory the "
-          "distance blocks take, which should not grow with B (peak RSS: expect tens of MB of allocator "
-          "noise).")
+    if not args.no_official:
+        print_compare(_spawn(args, "compare"), args.device)
+    if not args.no_sizes:
+        rows = []
+        for b in (int(s) for s in args.sizes.split(",")):
+            ours = [_spawn(args, "ours", images=b, block=mb) for mb in args.block_mb]
+            graph = None if args.no_codegraph else _spawn(args, "codegraph", images=b)
+            rows.append((b, ours, graph))
+            print(f"B={b} done", file=sys.stderr, flush=True)
+        print_sizes(args, rows)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from cg3d_bids.core.scoring import (
     sorted_msv,
 )
 from cg3d_bids.core.scoring import mutual as mutual_module
+from cg3d_bids.core.scoring import tiles
 
 
 # ------------------------------------------------------------------------------------------------
@@ -116,38 +117,75 @@ def test_chunk_and_memory_settings_do_not_change_scores(setting):
     np.testing.assert_allclose(quiet(mutual_scores, tokens, valid, **setting), base, rtol=1e-6)
 
 
-def test_block_mb_bounds_block_rows():
-    assert mutual_module.chunk_rows(1000, None, 1.0) == 2**20 // 4000
-    assert mutual_module.chunk_rows(1000, 5, 1.0) == 5
-    with pytest.raises(ValueError):
-        mutual_module.chunk_rows(10, 0, None)
+def test_tile_shape_respects_the_block_memory():
+    for max_count, block_mb in [(1000, 1.0), (2500, 256.0), (300, 1e-3), (5000, 4.0)]:
+        shape = tiles.tile_shape(max_count, block_mb)
+        assert shape.rows >= 1 and shape.cols >= max_count  # one whole image per group at least
+        if shape.rows > 1:
+            assert shape.max_bytes(max_count) <= block_mb * 2**20
+    assert tiles.tile_shape(1000, 1.0, chunk_size=5).rows == 5
+    assert tiles.tile_shape(100, None) == tiles.TileShape(100, tiles.CPU_TILE_COLS)
+    cuda = tiles.tile_shape(1000, 64.0, device="cuda")
+    assert cuda.rows == 1000 and cuda.max_bytes(1000) <= 64 * 2**20
+    for bad in (dict(chunk_size=0), dict(block_mb=0.0)):
+        with pytest.raises(ValueError):
+            tiles.tile_shape(10, **{"block_mb": 1.0, **bad})
 
 
-@pytest.mark.parametrize("chunk_size", [None, 13])
-def test_query_rows_are_bit_identical_to_the_full_run(chunk_size):
-    tokens, valid = random_batch(7, n_images=10)
-    full = quiet(mutual_scores, tokens, valid, chunk_size=chunk_size)
-    query = [5, 0, 9, 1]
-    part = quiet(mutual_scores, tokens, valid, query=query, chunk_size=chunk_size)
-    assert part.shape == (4, tokens.shape[1])
-    assert np.array_equal(part, full[query])
+def test_column_groups_cover_the_references_once():
+    counts = np.array([5, 9, 3, 3, 12, 1, 7])
+    for first in range(len(counts)):
+        groups = tiles.column_groups(counts, first, cols=12)
+        covered = [j for g0, g1 in groups for j in range(g0, g1)]
+        assert covered == list(range(first, len(counts)))
+        for g0, g1 in groups:
+            assert g1 - g0 == 1 or counts[g0:g1].sum() <= 12
+    rng = np.random.default_rng(0)
+    for _ in range(300):  # widest_group (two pointers) against every group of every row image
+        counts = rng.integers(1, 20, size=rng.integers(2, 15))
+        cols = int(rng.integers(1, 60))
+        widths = [counts[g0:g1].sum() for first in range(1, len(counts))
+                  for g0, g1 in tiles.column_groups(counts, first, cols)]
+        assert tiles.widest_group(counts, cols) == max(max(widths), counts.max())
 
 
-def test_query_computes_only_pairs_with_query_images(monkeypatch):
-    tokens, valid = random_batch(8, n_images=8)
-    calls = []
-    original = mutual_module.BlockWorker.pair_minima
+def _tiles_used(monkeypatch, tokens, valid, **kwargs):
+    used = []
+    original = tiles.TileWorker.group_minima
 
-    def counting(self, row_side, b, row_out, col_out, **kwargs):
-        calls.append(b)
-        return original(self, row_side, b, row_out, col_out, **kwargs)
+    def recording(self, row_side, g0, g1, row_out, col_out):
+        used.append((len(row_side), g0, g1, row_out is not None, tuple(j for j, _ in col_out)))
+        return original(self, row_side, g0, g1, row_out, col_out)
 
-    monkeypatch.setattr(mutual_module.BlockWorker, "pair_minima", counting)
+    monkeypatch.setattr(tiles.TileWorker, "group_minima", recording)
+    quiet(mutual_scores, tokens, valid, **kwargs)
+    monkeypatch.undo()
+    return used
+
+
+def test_tiles_cover_every_pair_once_and_shards_skip_the_rest(monkeypatch):
+    tokens, _ = random_batch(8, n_images=8)
+    valid = np.arange(tokens.shape[1])[None, :] < 40 + 9 * np.arange(8)[:, None]
+    counts = valid.sum(axis=1)  # distinct: they identify the row image of a tile
+    # 2-row tiles, ~220 reference columns per tile per worker thread: 2-4 images per GEMM
+    setting = dict(chunk_size=2, block_mb=4 * 2 * 220 * torch.get_num_threads() / 2**20)
+    full = _tiles_used(monkeypatch, tokens, valid, **setting)
+    rows_of = {int(n): i for i, n in enumerate(counts)}
+    pairs = sorted((rows_of[n], j) for n, g0, g1, _, _ in full for j in range(g0, g1))
+    assert pairs == [(a, b) for a in range(8) for b in range(a + 1, 8)]
+    assert any(g1 - g0 > 1 for _, g0, g1, _, _ in full)  # several images per GEMM
+    part = _tiles_used(monkeypatch, tokens, valid, **setting, query=[3])
+    assert set(part) <= {(n, g0, g1, rows_of[n] == 3, (3,) if g0 <= 3 < g1 else ())
+                         for n, g0, g1, _, _ in full}
+    assert {(n, g0, g1) for n, g0, g1, _, _ in part} == {
+        (n, g0, g1) for n, g0, g1, _, _ in full if rows_of[n] == 3 or g0 <= 3 < g1}
+
+
+def test_torch_thread_count_is_restored():
+    tokens, valid = random_batch(9, n_images=8)
+    before = torch.get_num_threads()
     quiet(mutual_scores, tokens, valid)
-    assert len(calls) == 8 * 7 // 2  # each unordered pair once, used both ways
-    calls.clear()
-    quiet(mutual_scores, tokens, valid, query=[3])
-    assert len(calls) == 7
+    assert torch.get_num_threads() == before
 
 
 def test_query_validation():

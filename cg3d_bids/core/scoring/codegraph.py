@@ -8,8 +8,8 @@ every constant (all in :class:`CodeGraphSettings`, recorded in the outputs' prov
 Problem: when similar anomalies occur in several images, an anomalous token finds look-alikes in
 the other anomalous images and its MuSc score collapses. Steps (per layer):
 
-1. Sorted MSV ``d_(1) <= ... <= d_(B-1)`` of every valid token (MuSc's per-pair minimum table,
-   reused, not recomputed). Scaled log-gaps ``g_t = t ln(d_(t+1) / d_(t))``, ``t = 1..T``,
+1. Sorted MSV ``d_(1) <= ... <= d_(B-1)`` of every valid token (from MuSc's per-pair minimum
+   table). Scaled log-gaps ``g_t = t ln(d_(t+1) / d_(t))``, ``t = 1..T``,
    ``T = floor(max_rank_fraction (B - 1))`` capped at ``B - 2``. By the extreme-value (Renyi)
    argument they are i.i.d. ``Exp(alpha)`` for a normal token, ``alpha`` being its local
    intrinsic dimension, which differs between tokens.
@@ -46,6 +46,10 @@ one dataset. Known limits: a consistent anomaly needs a handful of tokens per im
 significant edge (links are counted per token, treated as independent; spatially clustered
 false flags make the Poisson null optimistic, which ``min_links`` and the community test
 temper), and a pattern shared by more than ``max_rank_fraction`` of the batch counts as normal.
+
+This module holds the settings and the statistics (steps 1-4 on arrays, no token work).
+:mod:`.shards` runs the stage on tokens, in one go (:func:`~.shards.codegraph_scores`) or in
+stages over shards of the batch (score rows -> build the graph -> re-score rows).
 """
 
 from __future__ import annotations
@@ -53,26 +57,10 @@ from __future__ import annotations
 import math
 import random
 import threading
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
-import torch
 from scipy import optimize, stats
-
-from .mutual import (
-    ArrayLike,
-    BlockWorker,
-    MinDistanceTable,
-    TokenBank,
-    _like,
-    build_table,
-    check_inputs,
-    mean_smallest,
-    musc_k,
-    sorted_msv,
-    warn_if_small,
-)
 
 _IGRAPH_RNG_LOCK = threading.Lock()
 
@@ -268,15 +256,21 @@ def burnout_pvalues(gaps: np.ndarray, prior: RatePrior) -> tuple[np.ndarray, np.
     times that of its largest gap (Bonferroni over ranks); ``a = b = 0`` is the per-token test
     (Fisher's g). The rank is the argmax ``t`` (1-based).
     """
-    n_gaps = gaps.shape[1]
     top = gaps.argmax(axis=1)
     gmax = gaps[np.arange(len(gaps)), top]
-    rest = prior.rate + gaps.sum(axis=1) - gmax
+    return burnout_test(gmax, gaps.sum(axis=1), gaps.shape[1], prior), top + 1
+
+
+def burnout_test(gap_max: np.ndarray, gap_sum: np.ndarray, n_gaps: int,
+                 prior: RatePrior) -> np.ndarray:
+    """Burnout p-values from each token's largest scaled gap and gap sum (see
+    :func:`burnout_pvalues`); what the sharded graph stage keeps per token."""
+    rest = prior.rate + gap_sum - gap_max
     with np.errstate(divide="ignore", invalid="ignore"):
-        log_p = math.log(n_gaps) - (prior.shape + n_gaps - 1) * np.log1p(gmax / rest)
+        log_p = math.log(n_gaps) - (prior.shape + n_gaps - 1) * np.log1p(gap_max / rest)
     log_p = np.where(rest > 0, log_p, -np.inf)
-    log_p = np.where(gmax > 0, log_p, 0.0)
-    return np.exp(np.minimum(log_p, 0.0)), top + 1
+    log_p = np.where(gap_max > 0, log_p, 0.0)
+    return np.exp(np.minimum(log_p, 0.0))
 
 
 def burnout_radius(distances: np.ndarray, rank: np.ndarray) -> np.ndarray:
@@ -291,14 +285,15 @@ def image_links(images: np.ndarray, suspicious: np.ndarray, rank: np.ndarray, n_
                 n_gaps: int, null_tokens: str = "all") -> tuple[np.ndarray, np.ndarray]:
     """Observed and expected links of one image to every image.
 
-    ``images``: ``(n, B - 1)`` sorted neighbour images of the image's valid tokens.
+    ``images``: ``(n, >= T)`` sorted neighbour images of the image's valid tokens.
     """
-    top = images[:, :n_gaps]
+    top = images[:, :n_gaps].astype(np.int64)
     null = top if null_tokens == "all" else top[~suspicious]
     # q[j, m - 1]: share of the null tokens with j among their m nearest images, shrunk by one
     # pseudo-token towards the uniform m / (B - 1).
-    hits = np.zeros((n_images, n_gaps), dtype=np.float64)
-    np.add.at(hits, (null.ravel(), np.tile(np.arange(n_gaps), len(null))), 1.0)
+    cell = (null * n_gaps + np.arange(n_gaps)).ravel()
+    hits = np.bincount(cell, minlength=n_images * n_gaps).astype(np.float64)
+    hits = hits.reshape(n_images, n_gaps)
     m = np.arange(1, n_gaps + 1, dtype=np.float64)
     q = (np.cumsum(hits, axis=1) + m / (n_images - 1)) / (len(null) + 1.0)
     ranks = rank[suspicious]
@@ -392,167 +387,3 @@ def leiden_communities(n_images: int, edges: list[tuple[int, int, float]],
             igraph.set_random_number_generator(random)
     groups = [sorted(int(v) for v in members) for members in partition if len(members) >= 2]
     return sorted(groups, key=lambda g: (-len(g), g))
-
-
-# ------------------------------------------------------------------------------------------------
-# step 5: re-scoring
-def _look_alikes(bank: TokenBank, worker: BlockWorker, members: list[int],
-                 flags: list[torch.Tensor], radii2: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Exclusion masks of the members: own suspicious tokens plus every token lying within the
-    burnout radius of a suspicious token of another member (its unflagged look-alikes)."""
-    excluded = [flags[a].clone() for a in members]
-    for x, a in enumerate(members):
-        row_side = bank.row_side(a)
-        for y in range(x + 1, len(members)):
-            b = members[y]
-            rows_a, cols_b = torch.nonzero(flags[a]).flatten(), torch.nonzero(flags[b]).flatten()
-            for r0, r1, block in worker.blocks(row_side, b):
-                sel = rows_a[(rows_a >= r0) & (rows_a < r1)]
-                if len(sel):
-                    near = block[sel - r0] < radii2[a][sel].unsqueeze(1)
-                    excluded[y] |= near.any(dim=0)
-                if len(cols_b):
-                    near = block[:, cols_b] < radii2[b][cols_b].unsqueeze(0)
-                    excluded[x][r0:r1] |= near.any(dim=1)
-    return excluded
-
-
-def _rescore(table: MinDistanceTable, bank: TokenBank, worker: BlockWorker,
-             communities: list[list[int]], flags: list[np.ndarray], radii: list[np.ndarray],
-             k: int, scores: torch.Tensor, settings: CodeGraphSettings) -> list[np.ndarray]:
-    """Remove members' consistent-anomaly tokens from each other's references; re-score members.
-
-    Returns the exclusion mask (compact order) of every image (empty outside communities).
-    """
-    device = bank.device
-    flag_t = [torch.from_numpy(f).to(device) for f in flags]
-    radii2 = [torch.from_numpy(r * r).to(device=device, dtype=torch.float32) for r in radii]
-    excluded = [np.zeros_like(f) for f in flags]
-    for members in communities:
-        if settings.expand_exclusion:
-            masks = _look_alikes(bank, worker, members, flag_t, radii2)
-        else:
-            masks = [flag_t[a] for a in members]
-        for x, a in enumerate(members):
-            excluded[a] = masks[x].cpu().numpy()
-            row_side = bank.row_side(a)
-            for y in range(x + 1, len(members)):
-                b = members[y]
-                worker.pair_minima(
-                    row_side, b, table.sq[a, b, : bank.counts[a]], table.sq[b, a, : bank.counts[b]],
-                    exclude_rows=masks[x], exclude_cols=masks[y],
-                )
-        for a in members:
-            distances, _ = sorted_msv(table, a)
-            row = torch.zeros(table.n_tokens, dtype=torch.float32, device=device)
-            row[table.positions[a].to(device)] = mean_smallest(distances, k)
-            scores[a] = row
-    return excluded
-
-
-# ------------------------------------------------------------------------------------------------
-def codegraph_scores(
-    tokens: ArrayLike,
-    valid: ArrayLike,
-    fraction: float = 0.3,
-    *,
-    settings: CodeGraphSettings | None = None,
-    device: str | torch.device = "cpu",
-    return_details: bool = False,
-    chunk_size: int | None = None,
-    block_mb: float | None = None,
-) -> ArrayLike | tuple[ArrayLike, CodeGraphResult]:
-    """MuSc scores corrected for consistent anomalies (CoDeGraph reconstruction, one layer).
-
-    Parameters
-    ----------
-    tokens : (B, N, C) numpy array or torch tensor, float
-    valid : (B, N) bool
-    fraction : float, default 0.3
-        MuSc's ``K = floor(fraction * (B - 1))``.
-    settings : CodeGraphSettings, optional
-        Constants of the stage (defaults documented there).
-    device : str or torch.device, default "cpu"
-    return_details : bool, default False
-        Also return a :class:`CodeGraphResult`.
-    chunk_size, block_mb : optional
-        Distance-block size, as in :func:`~cg3d_bids.core.scoring.mutual_scores`.
-
-    Returns
-    -------
-    scores : (B, N) float32, same kind as ``tokens``
-        Images outside any community keep their plain MuSc scores exactly.
-    details : CodeGraphResult
-        Only with ``return_details=True``.
-    """
-    settings = settings or CodeGraphSettings()
-    tok, val = check_inputs(tokens, valid)
-    n_images = int(tok.shape[0])
-    k = musc_k(n_images, fraction)
-    warn_if_small(n_images)
-    table, bank, worker = build_table(tok, val, chunk_size=chunk_size, block_mb=block_mb,
-                                      device=device)
-    with torch.no_grad():
-        result, scores = _run(table, bank, worker, k, settings)
-    out = _like(scores, tokens)
-    return (out, result) if return_details else out
-
-
-def _run(table: MinDistanceTable, bank: TokenBank, worker: BlockWorker, k: int,
-         settings: CodeGraphSettings) -> tuple[CodeGraphResult, torch.Tensor]:
-    n_images, n_tokens = table.n_images, table.n_tokens
-    n_gaps = max_rank(n_images, settings)
-    scores = torch.zeros((n_images, n_tokens), dtype=torch.float32, device=bank.device)
-    gaps = []
-    for i in range(n_images):  # plain MuSc scores and scaled gaps
-        distances, _ = sorted_msv(table, i)
-        scores[i, table.positions[i].to(bank.device)] = mean_smallest(distances, k)
-        if n_gaps >= 2:
-            gaps.append(scaled_gaps(distances.cpu().numpy(), n_gaps, settings.distance_floor))
-    musc = scores.cpu().numpy().copy()
-    empty = [np.zeros(int(c), dtype=bool) for c in table.counts]
-    flags, ranks, radii = list(empty), [e.astype(np.int64) for e in empty], \
-        [e.astype(np.float64) for e in empty]
-    links = np.zeros((n_images, n_images), dtype=np.int64)
-    expected = np.zeros((n_images, n_images), dtype=np.float64)
-    prior = RatePrior(math.nan, math.nan)
-    if n_gaps >= 2:
-        prior = (fit_rate_prior(np.concatenate([g.sum(axis=1) for g in gaps]), n_gaps)
-                 if settings.pooled_scale else RatePrior(0.0, 0.0))
-        for i in range(n_images):
-            pvalues, rank = burnout_pvalues(gaps[i], prior)
-            flags[i] = pvalues < settings.pvalue
-            if not flags[i].any():
-                continue
-            ranks[i] = np.where(flags[i], rank, 0)
-            distances, images = (x.cpu().numpy() for x in sorted_msv(table, i))
-            radii[i] = np.where(flags[i], burnout_radius(distances, rank), 0.0)
-            links[i], expected[i] = image_links(images, flags[i], ranks[i], n_images, n_gaps,
-                                                settings.null_tokens)
-    edges = significant_edges(links, expected, table.counts, settings)
-    communities = validated(leiden_communities(n_images, edges, settings), links, expected,
-                            settings)
-    excluded = list(empty)
-    if communities:
-        excluded = _rescore(table, bank, worker, communities, flags, radii, k, scores, settings)
-    result = CodeGraphResult(
-        communities=communities,
-        n_suspicious=np.array([int(f.sum()) for f in flags], dtype=np.int64),
-        suspicious=_scatter(flags, table, False, bool),
-        excluded=_scatter(excluded, table, False, bool),
-        burnout_rank=_scatter(ranks, table, 0, np.int64),
-        edges=edges,
-        links=links,
-        expected_links=expected,
-        rate_prior=(prior.shape, prior.rate),
-        musc_scores=musc,
-        settings=settings,
-    )
-    return result, scores
-
-
-def _scatter(per_image: Sequence[np.ndarray], table: MinDistanceTable, fill, dtype) -> np.ndarray:
-    out = np.full((table.n_images, table.n_tokens), fill, dtype=dtype)
-    for i, values in enumerate(per_image):
-        out[i, table.positions[i].numpy()] = values
-    return out

@@ -6,25 +6,19 @@ The ``B - 1`` values, sorted ascending, are the token's mutual similarity vector
 is the mean of the ``K = floor(fraction * (B - 1))`` smallest. Invalid tokens score 0 and are
 never references; an image is never compared with itself.
 
-Computation (memory bounded by a setting, work proportional to the valid-token counts):
-
-- the valid tokens of every image are gathered once, centred on the batch mean (distances are
-  translation invariant; centring shrinks the norms and so the cancellation error of the
-  expansion below) and augmented to ``[x, 1, |x|^2]`` (column side) / ``[-2x, |x|^2, 1]`` (row
-  side), so that ONE fp32 GEMM gives ``|a|^2 + |b|^2 - 2 a.b`` for a whole block;
-- each unordered image pair ``(a, b)``, ``a < b``, is computed once, in blocks of at most
-  ``chunk_size`` rows of ``a`` written into one preallocated buffer; the block's row minima give
-  ``a -> b`` and its column minima ``b -> a``;
-- minima are kept squared in a table of shape ``(Q, B, M)`` (Q scored images, M the largest
-  valid count); the clamp at 0 and the square root are applied to the minima only.
+Computation (memory bounded by a setting, work proportional to the valid-token counts): exact
+fp32 distance tiles (:mod:`.tiles`: one GEMM per tile of several reference images, each image
+pair computed once and used both ways) reduced to a table of squared per-(token, image) minima
+of shape ``(Q, B, M)`` (Q scored images, M the largest valid count); the clamp at 0 and the
+square root are applied to the minima only.
 
 On CUDA, TF32 is switched off for the distance GEMMs (``torch.backends.cuda.matmul
 .fp32_precision = "ieee"``, restored afterwards): TF32 keeps 10 mantissa bits, far too few for
 ``|a|^2 + |b|^2 - 2 a.b`` of near neighbours.
 
-Bit-identity of shards: with ``query`` the same blocks are computed with the same shapes in the
-same order as in the full run (pairs not involving a query image are skipped), so the rows
-equal those of the full run exactly on a given device.
+Bit-identity of shards: with ``query`` the same tiles are computed with the same shapes as in the
+full run (tiles not involving a query image are skipped), so the rows equal those of the full
+run exactly on a given device.
 """
 
 from __future__ import annotations
@@ -39,11 +33,11 @@ import numpy as np
 import torch
 
 from ...errors import BatchTooSmallError, DeviceUnavailableError
+from .tiles import DEFAULT_BLOCK_MB, TileShape, TokenBank, fill_minima, tile_shape  # noqa: F401
+from .workers import core_workers
 
 #: Below this batch size the paper (Table 5) reports degraded, high-variance results.
 WARN_BELOW_BATCH = 15
-#: Default memory of one block of pairwise distances (matches ``--score-chunk-mb``).
-DEFAULT_BLOCK_MB = 256.0
 
 ArrayLike = np.ndarray | torch.Tensor
 
@@ -148,136 +142,6 @@ def _check_query(query: Sequence[int] | None, n_images: int) -> tuple[int, ...]:
     return rows
 
 
-def chunk_rows(max_count: int, chunk_size: int | None, block_mb: float | None) -> int:
-    """Rows of one distance block: ``chunk_size``, else what fits in ``block_mb`` (fp32)."""
-    if chunk_size is not None:
-        if chunk_size < 1:
-            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-        return int(chunk_size)
-    mb = DEFAULT_BLOCK_MB if block_mb is None else float(block_mb)
-    if mb <= 0:
-        raise ValueError(f"block_mb must be > 0, got {block_mb}")
-    return max(1, int(mb * 2**20 // (4 * max(1, max_count))))
-
-
-# ------------------------------------------------------------------------------------------------
-# gathered tokens
-class TokenBank:
-    """The valid tokens of every image, gathered once, centred and augmented, on ``device``.
-
-    ``cols[j]`` is ``[x; 1; |x|^2]`` of shape ``(C + 2, n_j)`` (contiguous);
-    :meth:`row_side` builds ``[-2x, |x|^2, 1]`` of shape ``(n_i, C + 2)`` so that
-    ``row_side(i) @ cols[j]`` is the squared-distance block of ``(i, j)``.
-    ``positions[j]`` holds the token indices (into ``N``) of image ``j``'s valid tokens.
-    """
-
-    def __init__(self, tokens: torch.Tensor, valid: torch.Tensor, device: torch.device):
-        self.device = device
-        self.n_images, self.n_tokens, self.dim = (int(s) for s in tokens.shape)
-        valid_cpu = valid.cpu()
-        self.positions = [torch.nonzero(valid_cpu[i]).flatten() for i in range(self.n_images)]
-        self.counts = np.array([len(p) for p in self.positions], dtype=np.int64)
-        # one reusable scratch image: no per-image temporaries (they fragment the heap)
-        self._scratch = torch.empty((int(self.counts.max()), self.dim), dtype=torch.float32,
-                                    device=device)
-        mean = self._mean(tokens)
-        self.cols = [self._gather(tokens, i, mean) for i in range(self.n_images)]
-        del self._scratch
-
-    def _image(self, tokens: torch.Tensor, i: int) -> torch.Tensor:
-        """Valid tokens of image ``i`` as fp32 on the device, in the scratch buffer."""
-        pos = self.positions[i].to(tokens.device)
-        out = self._scratch[: len(pos)]
-        if tokens.dtype == torch.float32 and tokens.device == out.device:
-            torch.index_select(tokens[i], 0, pos, out=out)
-        else:
-            out.copy_(tokens[i].index_select(0, pos))
-        return out
-
-    def _mean(self, tokens: torch.Tensor) -> torch.Tensor:
-        total = torch.zeros(self.dim, dtype=torch.float64, device=self.device)
-        for i in range(self.n_images):
-            total += self._image(tokens, i).sum(dim=0).to(torch.float64)
-        return (total / float(self.counts.sum())).to(torch.float32)
-
-    def _gather(self, tokens: torch.Tensor, i: int, mean: torch.Tensor) -> torch.Tensor:
-        x = self._image(tokens, i).sub_(mean)
-        if not bool(torch.isfinite(x).all()):
-            raise ValueError(f"image {i} has non-finite valid tokens (NaN or Inf)")
-        out = torch.empty((self.dim + 2, x.shape[0]), dtype=torch.float32, device=self.device)
-        out[: self.dim] = x.t()
-        out[self.dim] = 1.0
-        torch.linalg.vecdot(x, x, dim=1, out=out[self.dim + 1])
-        return out
-
-    def row_side(self, i: int) -> torch.Tensor:
-        """``[-2x, |x|^2, 1]`` of image ``i``, shape ``(n_i, C + 2)``, contiguous."""
-        col = self.cols[i]
-        out = torch.empty((col.shape[1], self.dim + 2), dtype=torch.float32, device=self.device)
-        torch.mul(col[: self.dim].t(), -2.0, out=out[:, : self.dim])
-        out[:, self.dim] = col[self.dim + 1]
-        out[:, self.dim + 1] = 1.0
-        return out
-
-
-class BlockWorker:
-    """Squared-distance blocks of image pairs in one preallocated buffer, rows chunked."""
-
-    def __init__(self, bank: TokenBank, rows_per_block: int):
-        self.bank = bank
-        self.rows = int(rows_per_block)
-        max_n = int(bank.counts.max())
-        self.rows = min(self.rows, max_n)
-        self._buffer = torch.empty(self.rows * max_n, dtype=torch.float32, device=bank.device)
-        self._colmin = torch.empty(max_n, dtype=torch.float32, device=bank.device)
-
-    def blocks(self, row_side: torch.Tensor, b: int) -> Iterator[tuple[int, int, torch.Tensor]]:
-        """``(r0, r1, block)``: squared distances of rows ``r0:r1`` of ``row_side`` to image ``b``.
-
-        The block is a view of the shared buffer, valid until the next iteration.
-        """
-        col = self.bank.cols[b]
-        n_a, n_b = row_side.shape[0], col.shape[1]
-        for r0 in range(0, n_a, self.rows):
-            r1 = min(n_a, r0 + self.rows)
-            block = self._buffer[: (r1 - r0) * n_b].view(r1 - r0, n_b)
-            torch.mm(row_side[r0:r1], col, out=block)
-            yield r0, r1, block
-
-    def pair_minima(
-        self,
-        row_side: torch.Tensor,
-        b: int,
-        row_out: torch.Tensor | None,
-        col_out: torch.Tensor | None,
-        *,
-        exclude_rows: torch.Tensor | None = None,
-        exclude_cols: torch.Tensor | None = None,
-    ) -> None:
-        """Row minima (``a -> b``) into ``row_out`` and column minima (``b -> a``) into ``col_out``.
-
-        ``exclude_rows`` / ``exclude_cols`` (bool over the rows of ``a`` / tokens of ``b``) remove
-        tokens from the reference side: excluded rows never give a column minimum, excluded
-        columns never give a row minimum. Empty reference sets give ``+inf``.
-        """
-        if col_out is not None:
-            col_out.fill_(math.inf)
-        colmin = self._colmin[: self.bank.cols[b].shape[1]]
-        for r0, r1, block in self.blocks(row_side, b):
-            if col_out is not None:
-                if exclude_rows is None:
-                    torch.amin(block, dim=0, out=colmin)
-                    torch.minimum(col_out, colmin, out=col_out)
-                else:
-                    keep = ~exclude_rows[r0:r1]
-                    if bool(keep.any()):
-                        torch.minimum(col_out, block[keep].amin(dim=0), out=col_out)
-            if row_out is not None:
-                if exclude_cols is not None:
-                    block.masked_fill_(exclude_cols.unsqueeze(0), math.inf)
-                torch.amin(block, dim=1, out=row_out[r0:r1])
-
-
 # ------------------------------------------------------------------------------------------------
 # per-pair minimum table
 @dataclass
@@ -315,22 +179,6 @@ class MinDistanceTable:
         return self.rows.index(image)
 
 
-def _fill_table(bank: TokenBank, worker: BlockWorker, rows: tuple[int, ...]) -> torch.Tensor:
-    n_img, max_n = bank.n_images, int(bank.counts.max())
-    table = torch.full((len(rows), n_img, max_n), math.inf, dtype=torch.float32, device=bank.device)
-    where = {image: q for q, image in enumerate(rows)}
-    for a in range(n_img):
-        partners = [b for b in range(a + 1, n_img) if a in where or b in where]
-        if not partners:
-            continue
-        row_side = bank.row_side(a)
-        for b in partners:
-            row_out = table[where[a], b, : bank.counts[a]] if a in where else None
-            col_out = table[where[b], a, : bank.counts[b]] if b in where else None
-            worker.pair_minima(row_side, b, row_out, col_out)
-    return table
-
-
 def build_table(
     tokens: ArrayLike,
     valid: ArrayLike,
@@ -339,17 +187,39 @@ def build_table(
     chunk_size: int | None = None,
     block_mb: float | None = None,
     device: str | torch.device = "cpu",
-) -> tuple[MinDistanceTable, TokenBank, BlockWorker]:
-    """Table plus the gathered tokens and block worker (reused by the CoDeGraph stage)."""
+) -> tuple[MinDistanceTable, TokenBank, TileShape]:
+    """Table plus the gathered tokens and the tile shape (reused by the CoDeGraph stage).
+
+    ``block_mb`` bounds the tiles of all worker threads together (:mod:`.workers`).
+    """
     tok, val = check_inputs(tokens, valid)
     dev = resolve_device(device)
     rows = _check_query(query, int(tok.shape[0]))
-    with torch.no_grad(), exact_fp32_matmul():
-        bank = TokenBank(tok, val, dev)
-        worker = BlockWorker(bank, chunk_rows(int(bank.counts.max()), chunk_size, block_mb))
-        sq = _fill_table(bank, worker, rows)
+    with core_workers(dev) as workers, torch.no_grad(), exact_fp32_matmul():
+        bank, shape = build_bank(tok, val, chunk_size=chunk_size, block_mb=block_mb, device=dev)
+        sq = empty_table(bank, len(rows))
+        fill_minima(bank, shape, sq, rows, workers)  # tile buffers kept for re-scoring
     table = MinDistanceTable(sq, rows, bank.positions, bank.counts, bank.n_tokens)
-    return table, bank, worker
+    return table, bank, shape
+
+
+def build_bank(tok: torch.Tensor, val: torch.Tensor, *, chunk_size: int | None,
+               block_mb: float | None, device: torch.device) -> tuple[TokenBank, TileShape]:
+    """The gathered tokens and the tile shape of checked inputs (no distances yet).
+
+    ``block_mb`` bounds the tiles of all worker threads together (:mod:`.workers`).
+    """
+    with core_workers(device) as workers, torch.no_grad():
+        bank = TokenBank(tok, val, device, workers)
+        mb = (DEFAULT_BLOCK_MB if block_mb is None else float(block_mb)) / workers.n
+        shape = tile_shape(int(bank.counts.max()), mb, chunk_size=chunk_size, device=device)
+    return bank, shape
+
+
+def empty_table(bank: TokenBank, n_rows: int) -> torch.Tensor:
+    """``(n_rows, B, M)`` float32 table filled with ``+inf``."""
+    return torch.full((n_rows, bank.n_images, int(bank.counts.max())), math.inf,
+                      dtype=torch.float32, device=bank.device)
 
 
 def min_distance_table(
@@ -370,9 +240,10 @@ def min_distance_table(
     query : sequence of int, optional
         Images to tabulate (rows); all by default. Only pairs involving them are computed.
     chunk_size : int, optional
-        Rows per distance block; overrides ``block_mb``.
+        Rows per distance tile (legacy setting; the tile shape is otherwise tuned).
     block_mb : float, optional
-        Memory of one distance block in MB (default 256).
+        Memory bound of the distance tiles in MB (default 256, the app's ``--score-chunk-mb``),
+        shared by the CPU worker threads (one per torch thread).
     device : str or torch.device
         ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
 
@@ -427,8 +298,9 @@ def score_row(table: MinDistanceTable, q: int, k: int) -> torch.Tensor:
 
 
 def scores_from_table(table: MinDistanceTable, k: int) -> torch.Tensor:
-    """``(Q, N)`` MuSc scores of the table's rows with ``K = k``."""
-    return torch.stack([score_row(table, q, k) for q in range(len(table.rows))])
+    """``(Q, N)`` MuSc scores of the table's rows with ``K = k`` (one job per row)."""
+    with core_workers(table.sq.device) as workers, torch.no_grad():
+        return torch.stack(workers.map(lambda q: score_row(table, q, k), range(len(table.rows))))
 
 
 def _like(scores: torch.Tensor, tokens: ArrayLike) -> ArrayLike:
@@ -461,10 +333,11 @@ def mutual_scores(
         Score only these images (against all ``B``): the result equals exactly those rows of
         the full run. Only image pairs involving a query image are computed (shards).
     chunk_size : int, optional
-        Rows (tokens of one image) per distance block; overrides ``block_mb``.
+        Rows (tokens of one image) per distance tile (legacy setting; tuned otherwise).
     block_mb : float, optional
-        Memory of one distance block in MB (default 256). Working memory is one block, the
-        gathered fp32 tokens and the ``(Q, B, max valid count)`` minimum table.
+        Memory bound of the distance tiles in MB (default 256). Working memory is the tiles,
+        the gathered fp32 tokens and the ``(Q, B, max valid count)`` minimum table (see
+        :mod:`.memory` for the full prediction).
     device : str or torch.device, default "cpu"
         ``"cpu"``, ``"cuda"``, ``"cuda:N"``.
 
@@ -478,11 +351,11 @@ def mutual_scores(
     BatchTooSmallError
         When ``K < 1``.
     """
-    tok, val = check_inputs(tokens, valid)
-    k = musc_k(int(tok.shape[0]), fraction)
-    warn_if_small(int(tok.shape[0]))
-    table = min_distance_table(tok, val, query=query, chunk_size=chunk_size,
-                               block_mb=block_mb, device=device)
-    with torch.no_grad():
+    with core_workers(resolve_device(device)):
+        tok, val = check_inputs(tokens, valid)
+        k = musc_k(int(tok.shape[0]), fraction)
+        warn_if_small(int(tok.shape[0]))
+        table = min_distance_table(tok, val, query=query, chunk_size=chunk_size,
+                                   block_mb=block_mb, device=device)
         scores = scores_from_table(table, k)
     return _like(scores, tokens)
