@@ -11,10 +11,11 @@ An image that IS one of the references (``self_index``, e.g. a bank image scored
 compared with itself: its references are the other ``R - 1`` images and its scores equal its row
 of the batch of the ``R`` references (``K = floor(fraction * (R - 1))``).
 
-The arithmetic mirrors :func:`~.mutual.mutual_scores` step by step (tokens centred on the mean
-of the equivalent batch, accumulated image by image in batch order; one fp32 GEMM of augmented
-tokens per block, with the same orientation and row chunks as the full run), so the scores equal
-the full run's row to float rounding, and on one device usually bit for bit.
+The arithmetic is that of :func:`~.mutual.mutual_scores` (tokens centred on the mean of the
+equivalent batch, accumulated image by image in batch order; one exact fp32 GEMM of augmented
+tokens per block, with the same orientation as the full run's pair), so the scores equal the
+full run's row to float rounding (the full run's tiles group several reference images per GEMM,
+so the GEMM shapes, and with them the last bits, may differ).
 
 Memory: the references are read one image at a time (they may be memory-mapped ``.npy``
 slices), so a bank is never materialised as a dense ``(R + 1, N, C)`` array; working memory is
@@ -30,7 +31,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .mutual import chunk_rows, exact_fp32_matmul, mean_smallest, musc_k, resolve_device
+from .mutual import exact_fp32_matmul, mean_smallest, musc_k, resolve_device
+from .tiles import tile_shape
 
 __all__ = ["ReferenceQuery", "reference_k", "reference_scores"]
 
@@ -212,6 +214,6 @@ def _prepare_query(query: ReferenceQuery, number: int, sums: list[torch.Tensor],
     cols, rows = _centred(x, mean, dim)
     batch_counts = counts if self_index is not None else [*counts, int(x.shape[0])]
     max_n = max(batch_counts)
-    n_rows = min(chunk_rows(max_n, chunk_size, block_mb), max_n)
+    n_rows = tile_shape(max_n, block_mb, chunk_size=chunk_size, device=dev).rows
     return _Query(n=int(x.shape[0]), n_tokens=int(tokens.shape[0]), positions=torch.from_numpy(positions).to(dev),
                   mean=mean, cols=cols, rows=rows, n_rows=n_rows, self_index=self_index)

@@ -360,7 +360,7 @@ def build_graph(rows: Sequence[RowScores], n_images: int,
     n_tokens = rows[0].n_tokens
     n_gaps = max_rank(n_images, settings)
     valid = np.zeros((n_images, n_tokens), dtype=bool)
-    for i, (row, q, sl) in by_image.items():
+    for i, (row, q, _) in by_image.items():
         valid[i] = row.valid[q]
     suspicious = np.zeros_like(valid)
     rank = np.zeros(valid.shape, dtype=np.int32)
@@ -562,8 +562,8 @@ def rescore_table(table: MinDistanceTable, bank: TokenBank, shape: TileShape,
             masks = exclusion_masks(bank, shape, members, graph)
             pairs = [(x, y) for x in range(len(members)) for y in range(x + 1, len(members))
                      if members[x] in where or members[y] in where]
-            workers.map(lambda xy: _rescore_pair(tile_worker(workers, bank, shape), table,
-                                                 members, masks, where, *xy), pairs)
+            workers.map(lambda xy, members=members, masks=masks: _rescore_pair(
+                tile_worker(workers, bank, shape), table, members, masks, where, *xy), pairs)
             rows = workers.map(lambda a: score_row(table, where[a], k), targets)
             for a, row in zip(targets, rows):
                 scores[a] = row.cpu().numpy()

@@ -151,8 +151,11 @@ class TokenBank:
         # No per-image allocation outlives its job (kept small objects between large freed
         # temporaries fragment the heap): sums go to one table, temporaries to per-thread scratch.
         sums = torch.empty((self.n_images, self.dim), dtype=torch.float32, device=device)
-        scratch = (lambda: torch.empty((int(self.counts.max()), self.dim), dtype=torch.float32,
-                                       device=device))
+
+        def scratch() -> torch.Tensor:
+            return torch.empty((int(self.counts.max()), self.dim), dtype=torch.float32,
+                               device=device)
+
         images = range(self.n_images)
         workers.map(lambda i: self._gather(tokens, i, sums[i],
                                            workers.local(("bank", id(self)), scratch)), images)
