@@ -72,6 +72,19 @@ def available_memory_bytes(root: str | os.PathLike = "/", environ: Mapping[str, 
     return min(known) if known else None
 
 
+def memory_limit_bytes(root: str | os.PathLike = "/", environ: Mapping[str, str] | None = None) -> int | None:
+    """The cgroup or SLURM memory limit (memory this process already holds counts in it), or None."""
+    root = Path(root)
+    env = os.environ if environ is None else environ
+    known = [n for n in (_cgroup_memory_limit(root), _slurm_memory(root, env)) if n is not None]
+    return min(known) if known else None
+
+
+def memory_free_bytes(root: str | os.PathLike = "/") -> int | None:
+    """``MemAvailable`` of ``/proc/meminfo`` (memory not yet held by anyone), or None."""
+    return _meminfo_available(Path(root))
+
+
 def default_threads(nprocs: int, cpus: int) -> int:
     """Threads per process (``--omp-nthreads``) when ``nprocs`` processes share ``cpus`` CPUs.
 

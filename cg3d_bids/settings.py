@@ -378,7 +378,8 @@ class MethodSettings:
         flags=("--batch-size",), parse=positive_int, group=METHOD, affects=Affects.SCORES, metavar="B",
         help="score each modality in random non-overlapping chunks of at most B images (seeded by "
         "--random-seed; an image keeps its chunk when images are added) [paper Table 5: B >= 30 keeps "
-        "accuracy] (default: one batch of every image, while it fits the memory budget)",
+        "accuracy] (default: one batch of every image; when scoring it would not fit in memory the run "
+        "stops before scoring with exit 75, naming a batch size or shard count that fits)",
         bosh_id="BatchSize", bosh_name="Scoring batch size", integer=True, minimum=1,
     )
     #: probseg = logistic(z - z_center), z = robust z-score of the raw map against the batch's
@@ -409,7 +410,8 @@ class ExecutionSettings:
     )
     score_chunk_mb: int = setting(
         256, flags=("--score-chunk-mb",), parse=positive_int, group=PERFORMANCE,
-        help="memory for one block of pairwise distances during scoring, in MB",
+        help="memory of the pairwise-distance tiles of scoring, all threads together, in MB (give every "
+        "shard of a batch the same value: the tile shape decides the last bits of the scores)",
         bosh_id="ScoreChunkMb", bosh_name="Scoring block memory (MB)", integer=True, minimum=1,
     )
     nprocs: int | None = setting(
@@ -424,7 +426,8 @@ class ExecutionSettings:
     )
     mem_gb: float | None = setting(
         flags=("--mem", "--mem-mb", "--mem_mb"), parse=memory_gb, metavar="MEM", group=PERFORMANCE,
-        help="memory limit for nipype: 16G, 16000M or a number of MB (default: unlimited)",
+        help="memory limit of the run: 16G, 16000M or a number of MB; nipype's scheduler and the memory "
+        "check before scoring keep within it (default: what the cgroup, SLURM and the machine allow)",
         bosh_id="Mem", bosh_name="Memory limit", bosh_type="String",
     )
     stage: str = setting(

@@ -847,3 +847,55 @@ def test_cluster_refuses_a_bad_request_before_submitting(tmp_path, run_slurm_scr
     assert "SLURM would refuse the outputs step (nothing was submitted)" in result.stderr
     queued = subprocess.run(["squeue", "-h", "-n", "cg3dC-participant"], capture_output=True, text=True).stdout
     assert queued.strip() == ""
+
+
+@pytest.mark.slurm
+def test_real_cg3d_chain_equals_one_process(tmp_path, run_slurm_script, capsys):
+    """The real cg3d through `cg3d slurm-script` (12 subjects, 3 shards, --batch-size 6, CPU only):
+    every job completes and the outputs equal one `cg3d ... group` call, voxel for voxel."""
+    import csv
+
+    import nibabel as nib
+    import numpy as np
+
+    from bids_fixtures import make_bids_dataset
+    from cg3d_bids.cli.main import main as cg3d_main
+
+    subjects = [f"{i:02d}" for i in range(1, 13)]
+    paths = make_bids_dataset(tmp_path / "bids", subjects=subjects, modalities=("T1w",), with_masks=True,
+                              lesion_subjects=["04", "09"], seed=21)
+    options = ["--device", "cpu", "--encoder", "test-tiny-vit", "--cube-size", "56", "--projection-dim", "16",
+               "--skip-bids-validation", "-d", f"masks={paths['masks_dir']}", "--batch-size", "6"]
+    bids = tmp_path / "bids"
+    assert cg3d_main([str(bids), str(tmp_path / "one"), "group", "-w", str(tmp_path / "work_one"), "--modality",
+                      "T1w", "--nprocs", "1", "--omp-nthreads", "1", *options]) == 0
+
+    exe = write_executable(tmp_path / "bin" / "cg3d", f'#!/bin/sh\nexec "{sys.executable}" -m cg3d_bids "$@"\n')
+    resources = [f"--resource={stage}.{key}" for stage in STAGES
+                 for key in ("cpus=1", "mem=3G", "time=00:20:00")]
+    script = tmp_path / "slurm" / "cg3d_slurm.sh"
+    code = cg3d_main(["slurm-script", str(bids), str(tmp_path / "out"), "-w", str(tmp_path / "work"),
+                      "--shards", "3", "--modality", "T1w", "--gpus", "0", "--job-name", "cg3dReal",
+                      "--cg3d-executable", str(exe), "-o", str(script), *resources, "--", *options])
+    assert code == 0, capsys.readouterr().err
+    result = run_slurm_script(script, timeout=900)
+    logs = "\n".join(f"--- {p.name}\n{p.read_text()[-3000:]}" for p in sorted((script.parent / "logs").glob("*")))
+    assert result.returncode == 0, result.stderr
+    for stage in STAGES:
+        assert result.all(stage) == {"COMPLETED"}, (stage, result.states, logs)
+    assert len(result.states["participant"]) == 12 and len(result.states["score"]) == 3
+
+    shard_files = sorted((tmp_path / "work" / "shards").rglob("rows-L*-*of3.npz"))
+    assert len({p.parent for p in shard_files}) == 2  # two batches of six
+    one = sorted((tmp_path / "one").rglob("*.nii.gz"))
+    assert len(one) >= 3 * len(subjects)
+    for ref in one:
+        got = tmp_path / "out" / ref.relative_to(tmp_path / "one")
+        assert np.array_equal(np.asarray(nib.load(got).dataobj), np.asarray(nib.load(ref).dataobj)), ref.name
+
+    def rows(path):
+        with open(path, newline="") as fh:
+            return [{k: v for k, v in r.items() if k != "run_id"} for r in csv.DictReader(fh, delimiter="\t")]
+
+    assert rows(tmp_path / "out" / "group_T1w.tsv") == rows(tmp_path / "one" / "group_T1w.tsv")
+    print(f"\n[slurm] real cg3d, 12 subjects, 3 shards, 2 batches: {result.seconds:.1f} s")

@@ -12,6 +12,7 @@ from ..errors import BatchTooSmallError
 from ..records import BatchScores, Community, ImageTokens
 from ..settings import Affects
 from .context import Ref, StageContext, limit_threads, stage
+from .memory import check_scoring_memory
 
 LOGGER = logging.getLogger("cg3d")
 
@@ -75,6 +76,7 @@ def _score(ctx: StageContext, members: list[Ref[ImageTokens]], modality: str, ke
     settings, execution = ctx.settings, ctx.settings.execution
     names, tokens, valid = _load_batch(members)
     per_layer = np.zeros((tokens.shape[0],) + valid.shape, dtype=np.float32)
+    check_scoring_memory(ctx, valid, tokens.shape[-1], what=f"{modality} batch {batch}")
     suspicious, communities = [], []
     codegraph = settings.codegraph_settings
     t0 = time.monotonic()

@@ -29,6 +29,7 @@ from ..atomic import write_npz
 from ..errors import NoInputError, UsageError
 from ..records import BatchScores, ImageTokens
 from .context import Ref, StageContext, limit_threads, stage
+from .memory import check_scoring_memory
 from .score import _load_batch, batch_key, batch_scores, select_members
 
 LOGGER = logging.getLogger("cg3d")
@@ -126,6 +127,7 @@ def score_shard(ctx: StageContext, tokens: list[Ref[ImageTokens]], order: list[s
     limit_threads()
     key, names, array, valid = _tokens(ctx, tokens, order, modality, batch)
     query = shard_rows(len(names), i, n)
+    check_scoring_memory(ctx, valid, array.shape[-1], what=f"{modality} batch {batch} shard {i}/{n}", n_shards=n)
     written = []
     for layer in range(array.shape[0]):
         path = _folder(ctx, modality, key) / f"rows-L{layer}-{i}of{n}.npz"
@@ -169,6 +171,7 @@ def rescore_shard(ctx: StageContext, tokens: list[Ref[ImageTokens]], order: list
     limit_threads()
     key, names, array, valid = _tokens(ctx, tokens, order, modality, batch)
     query = shard_rows(len(names), i, n)
+    check_scoring_memory(ctx, valid, array.shape[-1], what=f"{modality} batch {batch} shard {i}/{n}", n_shards=n)
     folder = _folder(ctx, modality, key)
     written = []
     for layer in range(array.shape[0]):

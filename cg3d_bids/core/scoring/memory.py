@@ -343,7 +343,8 @@ def _fix(budget: int, n_images: int, counts: np.ndarray, dim: int, n_tokens: int
                    if _fits(budget, n_images, counts, dim, n_tokens, s, kw, held, per_image)),
                   None)
     if shards is not None:
-        fixes.append(f"--shards {shards}")
+        fixes.append(f"score in {shards} shards (`cg3d slurm-script --shards {shards}`, or the steps "
+                     f"`--stage score|rescore --shard i/{shards}`)")
     ranked = np.sort(counts)[::-1]
     batch = next((b for b in range(n_images - 1, 1, -1)
                   if _fits(budget, b, ranked[:b], dim, n_tokens, min(n_shards, b), kw, held,
