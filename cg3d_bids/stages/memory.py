@@ -66,7 +66,7 @@ def check_scoring_memory(ctx: StageContext, valid: np.ndarray, dim: int, *, what
                          n_shards: int = 1) -> None:
     """Raise :class:`TempFailError` (75) when scoring one layer of a batch (``valid``: (B, N))
     would not fit; log the plan otherwise."""
-    from ..core.scoring.memory import plan_memory
+    from ..core.scoring.memory import DEFAULT_MARGIN, plan_memory
 
     budget, held = scoring_budget(ctx)
     if budget is None:
@@ -78,6 +78,10 @@ def check_scoring_memory(ctx: StageContext, valid: np.ndarray, dim: int, *, what
     plan = plan_memory(budget, len(valid), counts, dim, valid.shape[1], n_shards=n_shards,
                        codegraph=ctx.settings.codegraph_settings, block_mb=requested,
                        device=execution.device, held_bytes=held)
+    need = plan.peak * (1 + DEFAULT_MARGIN) + held
+    LOGGER.info("[memory %s] scoring needs about %.2f GiB (predicted %.2f GiB per layer + %d %% margin, "
+                "%.2f GiB already held) of the %.2f GiB this process may use", what, need / 2**30,
+                plan.peak / 2**30, round(100 * DEFAULT_MARGIN), held / 2**30, budget / 2**30)
     LOGGER.debug("%s: %s", what, plan.describe())
     if plan.block_mb < requested:
         smaller = max(1, math.floor(plan.block_mb))
