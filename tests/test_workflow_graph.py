@@ -66,3 +66,35 @@ def test_gpu_runs_one_tokenize_chunk_in_a_gpu_slot(tmp_path):
     wf = _build(tmp_path, "group", use_gpu=True)
     assert wf.get_node("select_T1w").inputs.n_chunks == 1
     assert wf.get_node("tokenize_T1w").inputs.use_gpu is True and wf.get_node("score_T1w").inputs.use_gpu is True
+
+
+def test_cpu_scoring_batches_run_alone_on_every_thread(tmp_path):
+    settings = tmp_path / "settings.toml"
+    settings.write_text("")
+    record = tmp_path / "sub-a_T1w.json"
+    record.write_text("{}")
+    images = {"T1w": [("sub-a_T1w", record)]}
+    kwargs = dict(settings_file=settings, analysis_level="group", selected=images, cohort=images,
+                  subjects=["a"], n_chunks=4, base_dir=tmp_path / "nipype", score_threads=6)
+    score = init_cg3d_wf(use_gpu=False, **kwargs).get_node("score_T1w")
+    assert score.n_procs == 4 and score.inputs.threads == 6
+    score = init_cg3d_wf(use_gpu=True, **kwargs).get_node("score_T1w")
+    assert score.n_procs == 1 and score.inputs.threads == 0  # one GPU slot; threads as the process
+
+
+def test_node_threads_are_restored_after_the_node(monkeypatch):
+    import os
+
+    import torch
+
+    from cg3d_bids.interfaces.stage import _threads
+    from cg3d_bids.stages.context import limit_threads
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
+    with _threads(2):
+        limit_threads()
+        assert torch.get_num_threads() == 2 and os.environ["OMP_NUM_THREADS"] == "2"
+    assert torch.get_num_threads() == 1 and os.environ["OMP_NUM_THREADS"] == "1"
+    with _threads(0):
+        assert os.environ["OMP_NUM_THREADS"] == "1"

@@ -387,7 +387,7 @@ def _run_workflow(settings: Settings, settings_file: Path, cache: WorkCache, sel
     else:
         wf = init_cg3d_wf(settings_file=settings_file, analysis_level=settings.inputs.analysis_level,
                           selected=selected, cohort=cohort, subjects=subjects, batches=batches, use_gpu=use_gpu,
-                          n_chunks=nprocs, base_dir=nipype_dir)
+                          n_chunks=nprocs, base_dir=nipype_dir, score_threads=max(omp, min(cpus, nprocs * omp)))
     if settings.execution.save_reference is not None:
         from ..workflows.reference import connect_save_reference
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import os
 import sys
 import typing
 from collections.abc import Callable, Iterator
@@ -192,6 +193,27 @@ def run_stage(func: Callable, ctx: StageContext, **inputs: Any) -> Any:
         return func(ctx, **inputs)
 
 
+@contextlib.contextmanager
+def _threads(n: int) -> Iterator[None]:
+    """``OMP_NUM_THREADS`` (read by the stages' ``limit_threads``) set to ``n`` for one node, then
+    restored with torch's thread count: MultiProc workers run many nodes one after another."""
+    if n <= 0:
+        yield
+        return
+    import torch
+
+    before, threads = os.environ.get("OMP_NUM_THREADS"), torch.get_num_threads()
+    os.environ["OMP_NUM_THREADS"] = str(n)
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("OMP_NUM_THREADS", None)
+        else:
+            os.environ["OMP_NUM_THREADS"] = before
+        torch.set_num_threads(threads)
+
+
 # ------------------------------------------------------------------------------------------------
 def stage_interface(func: Callable, name: str) -> type[SimpleInterface]:
     """A nipype interface class ``name`` running stage ``func`` (see the module docstring).
@@ -202,7 +224,9 @@ def stage_interface(func: Callable, name: str) -> type[SimpleInterface]:
     hints = typing.get_type_hints(func)
     params = list(inspect.signature(func).parameters)[1:]
     inputs = {"settings_file": File(exists=True, mandatory=True, desc="the run's settings (TOML)"),
-              "use_gpu": traits.Bool(False, usedefault=True, desc="nipype MultiProc GPU slot (CUDA only)")}
+              "use_gpu": traits.Bool(False, usedefault=True, desc="nipype MultiProc GPU slot (CUDA only)"),
+              "threads": traits.Int(0, usedefault=True, desc="torch/BLAS threads of this node (0: the "
+                                    "process's OMP_NUM_THREADS)")}
     inputs.update({p: _input_trait(p, hints[p]) for p in params})
     returns = hints["return"]
     many = _item(returns) is not None
@@ -214,7 +238,8 @@ def stage_interface(func: Callable, name: str) -> type[SimpleInterface]:
 
     def _run_interface(self, runtime):
         ctx = StageContext.from_settings(load_settings(self.inputs.settings_file))
-        result = run_stage(func, ctx, **{p: _decode(hints[p], getattr(self.inputs, p)) for p in params})
+        with _threads(self.inputs.threads):
+            result = run_stage(func, ctx, **{p: _decode(hints[p], getattr(self.inputs, p)) for p in params})
         if many:
             self._results["out_files"] = [_encode(ctx, item) for item in result]
         else:

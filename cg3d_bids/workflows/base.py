@@ -84,6 +84,7 @@ def init_cg3d_wf(
     use_gpu: bool,
     n_chunks: int,
     base_dir: Path,
+    score_threads: int = 0,
 ) -> pe.Workflow:
     """Build the workflow.
 
@@ -91,7 +92,9 @@ def init_cg3d_wf(
     order (the images to process / every image of the modality, for the landmarks);
     ``subjects``: labels of the subject reports; ``batches``: per modality, the scoring batches
     ``(number, bids names)`` (default: batch 1 of every selected image); ``n_chunks``: parallel chunks of
-    the tokenize (CPU) and reports map nodes.
+    the tokenize (CPU) and reports map nodes. On CPU each scoring batch runs alone, on every
+    processor slot (``n_procs = n_chunks``), with ``score_threads`` threads (0: the process's
+    ``OMP_NUM_THREADS``): its tiles spread over all cores instead of one worker's share.
     """
     wf = pe.Workflow(name="cg3d_wf", base_dir=str(base_dir))
     config = str(settings_file)
@@ -123,6 +126,9 @@ def init_cg3d_wf(
                            iterfield=["order", "batch"], name=f"score_{modality}")
         score.inputs.order = [members for _, members in scoring]
         score.inputs.batch = [number for number, _ in scoring]
+        if not use_gpu:
+            score.n_procs = max(1, n_chunks)
+            score.inputs.threads = score_threads
         outputs = pe.MapNode(WriteImageOutputs(settings_file=config), iterfield=["prepared"],
                              name=f"outputs_{modality}")
         group = pe.Node(WriteGroupOutputs(settings_file=config, modality=modality), name=f"group_{modality}")
