@@ -254,7 +254,8 @@ class InputSettings:
     bids_filters: dict[str, Any] | None = None
     modality: tuple[str, ...] = setting(
         ("T1w", "T2w"), flags=("--modality", "--modalities", "-m"), nargs="+", choices=MODALITIES,
-        group=SELECT, help="modalities to score; images are only compared with images of the same modality (one batch each, or --batch-size chunks) [paper: T1w and T2w]",
+        group=SELECT, help="modalities to score; images are only compared with images of the same "
+        "modality (one batch each, or --batch-size chunks) [paper: T1w and T2w]",
         bosh_id="Modality", bosh_name="Modalities",
     )
     derivatives: dict[str, Path] = setting(
