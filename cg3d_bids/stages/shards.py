@@ -127,10 +127,13 @@ def score_shard(ctx: StageContext, tokens: list[Ref[ImageTokens]], order: list[s
     limit_threads()
     key, names, array, valid = _tokens(ctx, tokens, order, modality, batch)
     query = shard_rows(len(names), i, n)
-    check_scoring_memory(ctx, valid, array.shape[-1], what=f"{modality} batch {batch} shard {i}/{n}", n_shards=n)
+    folder = _folder(ctx, modality, key)
+    if any(not (folder / f"rows-L{layer}-{i}of{n}.npz").exists() for layer in range(array.shape[0])):
+        check_scoring_memory(ctx, valid, array.shape[-1], what=f"{modality} batch {batch} shard {i}/{n}",
+                             n_shards=n)
     written = []
     for layer in range(array.shape[0]):
-        path = _folder(ctx, modality, key) / f"rows-L{layer}-{i}of{n}.npz"
+        path = folder / f"rows-L{layer}-{i}of{n}.npz"
         if not path.exists():
             rows = score_rows(array[layer], valid, query, ctx.settings.method.fraction,
                               codegraph=ctx.settings.codegraph_settings, block_mb=ctx.settings.execution.score_chunk_mb,
@@ -171,8 +174,10 @@ def rescore_shard(ctx: StageContext, tokens: list[Ref[ImageTokens]], order: list
     limit_threads()
     key, names, array, valid = _tokens(ctx, tokens, order, modality, batch)
     query = shard_rows(len(names), i, n)
-    check_scoring_memory(ctx, valid, array.shape[-1], what=f"{modality} batch {batch} shard {i}/{n}", n_shards=n)
     folder = _folder(ctx, modality, key)
+    if any(not (folder / f"final-L{layer}-{i}of{n}.npz").exists() for layer in range(array.shape[0])):
+        check_scoring_memory(ctx, valid, array.shape[-1], what=f"{modality} batch {batch} shard {i}/{n}",
+                             n_shards=n)
     written = []
     for layer in range(array.shape[0]):
         path = folder / f"final-L{layer}-{i}of{n}.npz"
