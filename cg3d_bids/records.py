@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import types
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -27,6 +26,7 @@ from typing import Any, ClassVar, TypeVar
 import numpy as np
 
 from .atomic import write_json, write_npz
+from .typed import decode
 from .core.maps import Component
 
 __all__ = [
@@ -299,32 +299,6 @@ def _encode(value: Any) -> Any:
     return value
 
 
-def _decode(hint: Any, value: Any) -> Any:
-    if value is None:
-        return None
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(hint) if a is not type(None)]
-        return _decode(args[0], value) if len(args) == 1 else value
-    if hint is Path:
-        return Path(value)
-    if hint is np.ndarray:
-        return value
-    if dataclasses.is_dataclass(hint):
-        hints = typing.get_type_hints(hint)
-        return hint(**{k: _decode(hints[k], v) for k, v in value.items()})
-    if origin is tuple:
-        args = typing.get_args(hint)
-        item = args[0] if args else Any
-        return tuple(_decode(item, v) for v in value)
-    if origin is dict:
-        _key, item = typing.get_args(hint)
-        return {str(k): _decode(item, v) for k, v in value.items()}
-    if hint is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    return value
-
-
 def save(record: Record, path: str | Path) -> Path:
     """Write ``record`` atomically to ``path`` (``.json`` or ``.npz``, as the record requires)."""
     path = Path(path)
@@ -374,7 +348,7 @@ def load(path: str | Path, cls: type[R] | None = None) -> R:
         raise ValueError(f"{path} was written with record schema {stored.get('schema')}, this cg3d reads "
                          f"{SCHEMA}: remove the work directory's cached file (or the folder) and rerun")
     hints = typing.get_type_hints(record_cls)
-    values = {k: _decode(hints[k], v) for k, v in stored["fields"].items()}
+    values = {k: decode(hints[k], v) for k, v in stored["fields"].items()}
     values.update(arrays)
     return record_cls(**values)  # type: ignore[return-value]
 

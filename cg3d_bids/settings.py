@@ -25,7 +25,6 @@ import dataclasses
 import enum
 import json
 import tomllib
-import types
 import typing
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -34,6 +33,7 @@ from typing import Any
 
 from . import __version__
 from .hashing import short_hash
+from .typed import decode
 
 __all__ = [
     "Affects", "ExecutionSettings", "InputSettings", "MethodSettings", "Option", "RunInfo",
@@ -643,7 +643,7 @@ class Settings:
                 raise ValueError(f"unknown setting(s) {sorted(bad)} in section [{name}]")
             for key in JSON_FIELDS & set(values):
                 values[key] = json.loads(values[key]) if isinstance(values[key], str) else values[key]
-            sections[name] = section_cls(**{k: _decode(hints[k], v) for k, v in values.items()})
+            sections[name] = section_cls(**{k: decode(hints[k], v) for k, v in values.items()})
         return cls(**sections)
 
     @classmethod
@@ -698,25 +698,4 @@ def _plain(value: Any) -> Any:
         return {str(k): _plain(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [_plain(v) for v in value]
-    return value
-
-
-def _decode(hint: Any, value: Any) -> Any:
-    """A TOML value as the field's type (paths, tuples, dicts of paths, optional values)."""
-    if value is None:
-        return None
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(hint) if a is not type(None)]
-        return _decode(args[0], value) if len(args) == 1 else value
-    if hint is Path:
-        return Path(value)
-    if origin is tuple:
-        (item, *_rest) = typing.get_args(hint)
-        return tuple(_decode(item, v) for v in value)
-    if origin is dict:
-        _key, item = typing.get_args(hint)
-        return {str(k): _decode(item, v) for k, v in value.items()}
-    if hint is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
     return value

@@ -117,20 +117,28 @@ def shard_count(ctx: StageContext, kind: str, tokens: list[Ref[ImageTokens]], or
     return max(complete, key=complete.get)
 
 
+def _shard_inputs(ctx: StageContext, tokens: list[Ref[ImageTokens]], order: list[str], modality: str, batch: int,
+                  shard: str, kind: str):
+    """``(i, n, tokens (L, B, N, C), validity (B, N), query images, folder)`` of shard ``"i/n"``;
+    checks the scoring memory when some layer's ``kind`` file (``rows`` or ``final``) is missing."""
+    i, n = parse_shard(shard)
+    limit_threads()
+    key, names, array, valid = _tokens(ctx, tokens, order, modality, batch)
+    query = shard_rows(len(names), i, n)
+    folder = _folder(ctx, modality, key)
+    if any(not (folder / f"{kind}-L{layer}-{i}of{n}.npz").exists() for layer in range(array.shape[0])):
+        check_scoring_memory(ctx, valid, array.shape[-1], what=f"{modality} batch {batch} shard {i}/{n}",
+                             n_shards=n)
+    return i, n, array, valid, query, folder
+
+
 @stage("score_shard", timing="score")
 def score_shard(ctx: StageContext, tokens: list[Ref[ImageTokens]], order: list[str], modality: str,
                 batch: int, shard: str) -> list[Path]:
     """Step 1 of shard ``shard`` (``"i/n"``): rows of its images, every layer."""
     from ..core.scoring.shards import score_rows
 
-    i, n = parse_shard(shard)
-    limit_threads()
-    key, names, array, valid = _tokens(ctx, tokens, order, modality, batch)
-    query = shard_rows(len(names), i, n)
-    folder = _folder(ctx, modality, key)
-    if any(not (folder / f"rows-L{layer}-{i}of{n}.npz").exists() for layer in range(array.shape[0])):
-        check_scoring_memory(ctx, valid, array.shape[-1], what=f"{modality} batch {batch} shard {i}/{n}",
-                             n_shards=n)
+    i, n, array, valid, query, folder = _shard_inputs(ctx, tokens, order, modality, batch, shard, "rows")
     written = []
     for layer in range(array.shape[0]):
         path = folder / f"rows-L{layer}-{i}of{n}.npz"
@@ -170,14 +178,7 @@ def rescore_shard(ctx: StageContext, tokens: list[Ref[ImageTokens]], order: list
     """Step 3 of shard ``shard``: final rows of its images, every layer."""
     from ..core.scoring.shards import GraphResult, RescoredRows, RowScores, rescore_rows
 
-    i, n = parse_shard(shard)
-    limit_threads()
-    key, names, array, valid = _tokens(ctx, tokens, order, modality, batch)
-    query = shard_rows(len(names), i, n)
-    folder = _folder(ctx, modality, key)
-    if any(not (folder / f"final-L{layer}-{i}of{n}.npz").exists() for layer in range(array.shape[0])):
-        check_scoring_memory(ctx, valid, array.shape[-1], what=f"{modality} batch {batch} shard {i}/{n}",
-                             n_shards=n)
+    i, n, array, valid, query, folder = _shard_inputs(ctx, tokens, order, modality, batch, shard, "final")
     written = []
     for layer in range(array.shape[0]):
         path = folder / f"final-L{layer}-{i}of{n}.npz"

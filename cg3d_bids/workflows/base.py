@@ -106,11 +106,7 @@ def init_cg3d_wf(
         prepare.inputs.image = [str(cohort_paths[n]) for n in prepare_order(list(cohort_paths), names)]
         landmarks = pe.Node(ComputeLandmarks(settings_file=config, modality=modality),
                             name=f"landmarks_{modality}")
-        select = pe.Node(Function(input_names=["prepared", "names", "n_chunks"],
-                                  output_names=["ordered", "chunks"], function=select_prepared),
-                         name=f"select_{modality}")
-        select.inputs.names = names
-        select.inputs.n_chunks = 1 if use_gpu else n_chunks
+        select = select_node(modality, names, 1 if use_gpu else n_chunks)
         tokenize = pe.MapNode(TokenizeImages(settings_file=config, use_gpu=use_gpu), iterfield=["prepared"],
                               name=f"tokenize_{modality}")
         wf.connect([
@@ -141,11 +137,29 @@ def init_cg3d_wf(
         ])
         groups.append(group)
     if analysis_level == "group" and groups:
-        reports = pe.MapNode(WriteSubjectReports(settings_file=config), iterfield=["subjects"],
-                             name="subject_reports")
-        reports.inputs.subjects = chunks(sorted(subjects), n_chunks)
-        merge = pe.Node(Merge(len(groups)), name="merge_groups")
-        for i, node in enumerate(groups, 1):
-            wf.connect(node, "out_file", merge, f"in{i}")
-        wf.connect(merge, "out", reports, "groups")
+        add_subject_reports(wf, config, groups, subjects, n_chunks)
     return wf
+
+
+def select_node(modality: str, names: list[str], n_chunks: int) -> pe.Node:
+    """The node that puts a modality's prepared images in ``names`` order and deals them into
+    ``n_chunks`` tokenize chunks (:func:`select_prepared`)."""
+    select = pe.Node(Function(input_names=["prepared", "names", "n_chunks"],
+                              output_names=["ordered", "chunks"], function=select_prepared),
+                     name=f"select_{modality}")
+    select.inputs.names = names
+    select.inputs.n_chunks = n_chunks
+    return select
+
+
+def add_subject_reports(wf: pe.Workflow, config: str, groups: list[pe.Node], subjects: list[str],
+                        n_chunks: int) -> None:
+    """The subject reports (a MapNode over ``n_chunks`` chunks of ``subjects``), after every
+    modality's ``groups`` node."""
+    reports = pe.MapNode(WriteSubjectReports(settings_file=config), iterfield=["subjects"],
+                         name="subject_reports")
+    reports.inputs.subjects = chunks(sorted(subjects), n_chunks)
+    merge = pe.Node(Merge(len(groups)), name="merge_groups")
+    for i, node in enumerate(groups, 1):
+        wf.connect(node, "out_file", merge, f"in{i}")
+    wf.connect(merge, "out", reports, "groups")

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from nipype.interfaces.utility import Function, Merge
 from nipype.pipeline import engine as pe
 
 from ..interfaces.stage import (
@@ -27,10 +26,9 @@ from ..interfaces.stage import (
     ReferenceTokenize,
     SaveReference,
     WriteImageOutputs,
-    WriteSubjectReports,
 )
 from ..errors import UsageError
-from .base import chunks, select_prepared
+from .base import add_subject_reports, select_node
 
 __all__ = ["connect_save_reference", "init_reference_wf"]
 
@@ -55,11 +53,7 @@ def init_reference_wf(
         prepare.inputs.image = [str(path) for _, path in records]
         landmarks = pe.Node(ReferenceLandmarks(settings_file=config, modality=modality),
                             name=f"reference_landmarks_{modality}")
-        select = pe.Node(Function(input_names=["prepared", "names", "n_chunks"],
-                                  output_names=["ordered", "chunks"], function=select_prepared),
-                         name=f"select_{modality}")
-        select.inputs.names = names
-        select.inputs.n_chunks = 1 if use_gpu else n_chunks
+        select = select_node(modality, names, 1 if use_gpu else n_chunks)
         tokenize = pe.MapNode(ReferenceTokenize(settings_file=config, use_gpu=use_gpu), iterfield=["prepared"],
                               name=f"reference_tokenize_{modality}")
         score = pe.Node(ReferenceScore(settings_file=config, modality=modality, use_gpu=use_gpu),
@@ -79,12 +73,7 @@ def init_reference_wf(
             (score, group, [("out_files", "scores")]),
         ])
         groups.append(group)
-    reports = pe.MapNode(WriteSubjectReports(settings_file=config), iterfield=["subjects"], name="subject_reports")
-    reports.inputs.subjects = chunks(sorted(subjects), n_chunks)
-    merge = pe.Node(Merge(len(groups)), name="merge_groups")
-    for i, node in enumerate(groups, 1):
-        wf.connect(node, "out_file", merge, f"in{i}")
-    wf.connect(merge, "out", reports, "groups")
+    add_subject_reports(wf, config, groups, subjects, n_chunks)
     return wf
 
 
