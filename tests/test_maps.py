@@ -141,3 +141,25 @@ def test_scores_to_native_on_a_reoriented_grid():
     raw = scores_to_native(np.full(8, 2.5, np.float32), 2, cube.mask, cube.affine, native, brain)
     assert raw.shape == data.shape and raw.dtype == np.float32
     assert np.all(raw[~brain] == 0) and np.allclose(raw[brain], 2.5, atol=1e-5)
+
+
+def test_connected_components_match_labelling_the_whole_volume():
+    """Labelling only the region's bounding box gives the components of the whole volume."""
+    from scipy import ndimage
+
+    rng = np.random.default_rng(5)
+    binary = np.zeros((30, 26, 22), bool)
+    binary[6:24, 9:20, 5:17] = rng.random((18, 11, 12)) > 0.88  # specks: many components
+    values = rng.random(binary.shape).astype(np.float32)
+    affine = np.diag([1.5, 2.0, 2.5, 1.0])
+    affine[:3, 3] = [-10.0, 4.0, 7.0]
+    count, comps = connected_components(binary, values, 2.0, affine, max_components=None)
+    labels, expected_count = ndimage.label(binary, structure=np.ones((3, 3, 3), bool))
+    assert count == expected_count > 3
+    for comp in comps:
+        inside = labels == comp.label
+        assert comp.n_voxels == int(inside.sum()) and comp.volume_mm3 == 2.0 * comp.n_voxels
+        assert comp.centroid_voxel == pytest.approx(np.argwhere(inside).mean(axis=0))
+        assert values[comp.peak_voxel] == comp.peak == values[inside].max() and inside[comp.peak_voxel]
+        assert comp.peak_mm == pytest.approx(affine[:3, :3] @ np.array(comp.peak_voxel) + affine[:3, 3])
+    assert connected_components(np.zeros((4, 4, 4), bool), values[:4, :4, :4], 1.0) == (0, [])

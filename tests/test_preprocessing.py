@@ -445,3 +445,49 @@ def test_make_cube_equals_the_plain_affine_transform_recipe(oblique):
     outside = float(1 - np.all((coords >= -0.5) & (coords <= 27.5), axis=1).mean())
     assert np.array_equal(got.affine, expected_affine) and np.array_equal(got.mask, expected_mask)
     assert np.array_equal(got.data, expected) and got.outside_fraction == outside > 0
+
+
+def test_axis_aligned_linear_resampling_repeats_scipys_arithmetic():
+    """The numpy path for axis-aligned grids gives affine_transform's values bit for bit: flips,
+    zooms both ways, shifts past the edges, coordinates landing exactly on the last voxel, float32
+    and float64 data, zero runs (the sign of zero included)."""
+    from cg3d_bids.core.preprocessing.resample import _linear_separable, resample, resample_where
+
+    rng = np.random.default_rng(11)
+    for trial in range(60):
+        shape_in = tuple(int(n) for n in rng.integers(1, 24, 3))
+        dtype = (np.float32, np.float64)[trial % 2]
+        data = (rng.normal(size=shape_in) * 10.0 ** rng.integers(-3, 4)).astype(dtype)
+        data[rng.random(shape_in) < 0.3] = 0.0
+        vox2vox = np.eye(4)
+        vox2vox[:3, :3] = np.diag(rng.choice([1.0, -1.0, 0.5, 2.0, 0.7, -1.3, 1 / 3], 3))
+        vox2vox[:3, 3] = rng.normal(size=3) * 6 if trial % 3 else rng.integers(-3, 4, 3)
+        if trial % 4 == 0:  # output voxel 0 samples the input's last voxel exactly
+            vox2vox[0, 0], vox2vox[0, 3] = -1.0, shape_in[0] - 1
+        shape_out = tuple(int(n) for n in rng.integers(1, 24, 3))
+        where = rng.random(shape_out) < rng.uniform(0.1, 1.0)
+        expected = resample(data, vox2vox, shape_out, 1)
+        expected[~where] = 0
+        got = resample_where(data, vox2vox, where, 1)
+        assert got.dtype == expected.dtype
+        assert np.array_equal(got.view(np.uint8), expected.view(np.uint8)), (trial, shape_in, vox2vox)
+        assert np.array_equal(_linear_separable(data, vox2vox, where).view(np.uint8), got.view(np.uint8))
+
+
+def test_standardise_with_known_own_landmarks_is_the_same():
+    """``tokenize`` passes the percentiles ``prepare`` computed: the result must not change."""
+    from cg3d_bids.core.preprocessing.nyul import image_landmarks, standardise_values
+
+    rng = np.random.default_rng(3)
+    data = rng.gamma(2.0, 100.0, (20, 20, 20)).astype(np.float32)
+    mask = rng.random(data.shape) > 0.4
+    mu = np.linspace(0.0, 1.0, len(PERCENTILES))
+    own = image_landmarks(data[mask], PERCENTILES)
+    out = standardise(data, mask, mu, PERCENTILES)
+    assert np.array_equal(out, standardise(data, mask, mu, PERCENTILES, own=tuple(own)))
+    assert np.array_equal(out[mask], standardise_values(data[mask], mu, own=own).astype(np.float32))
+    with pytest.raises(ValueError, match="own landmarks"):
+        standardise(data, mask, mu, PERCENTILES, own=own[:-1])
+    shifted = own.copy()
+    shifted[5] += 50.0  # other landmarks give another mapping: ``own`` is really used
+    assert not np.array_equal(out, standardise(data, mask, mu, PERCENTILES, own=shifted))

@@ -131,9 +131,15 @@ def connected_components(
     world mm through ``affine``, None without it)."""
     binary = np.asarray(binary, dtype=bool)
     values = np.asarray(values)
-    labels, count = ndimage.label(binary, structure=np.ones((3, 3, 3), dtype=bool))
-    if count == 0:
+    spans = [np.flatnonzero(binary.any(axis=tuple(a for a in range(binary.ndim) if a != axis)))
+             for axis in range(binary.ndim)]
+    if any(span.size == 0 for span in spans):
         return 0, []
+    # labelled within the region's bounding box: the same labels (raster order) for less work
+    crop = tuple(slice(int(span[0]), int(span[-1]) + 1) for span in spans)
+    origin = np.array([sl.start for sl in crop])
+    binary, values = binary[crop], values[crop]
+    labels, count = ndimage.label(binary, structure=np.ones((3,) * binary.ndim, dtype=bool))
     sizes = np.bincount(labels.ravel(), minlength=count + 1)[1:]
     order = np.argsort(-sizes, kind="stable")
     if max_components is not None:
@@ -144,7 +150,7 @@ def connected_components(
         label = int(index) + 1
         box = boxes[index]
         inside = labels[box] == label
-        offset = np.array([sl.start for sl in box])
+        offset = np.array([sl.start for sl in box]) + origin
         points = np.argwhere(inside)
         centroid = tuple(float(v) for v in points.mean(axis=0) + offset)
         local = np.where(inside, values[box], -np.inf)
@@ -228,5 +234,4 @@ def scores_to_native(token_scores: np.ndarray, grid: int, cube_mask: np.ndarray,
     size = int(np.asarray(cube_mask).shape[0])
     cube_map = token_map_to_cube(token_scores, grid, size, cube_mask)
     brain = np.asarray(brain_native, dtype=bool)
-    raw = cube_to_native(cube_map, cube_affine, native_image, brain)
-    return np.where(brain, raw, 0.0).astype(np.float32)
+    return cube_to_native(cube_map, cube_affine, native_image, brain)  # 0 outside the brain

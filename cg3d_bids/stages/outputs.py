@@ -63,8 +63,8 @@ def _write(ctx: StageContext, prepared: PreparedImage, scores: BatchScores) -> I
     token_scores = np.where(scores.valid[row], scores.scores[row], 0.0)
     raw = scores_to_native(token_scores, scores.grid, prepared.cube_mask(), prepared.cube_affine,
                            loaded.native, brain)
-    probseg = np.where(brain, probseg_transform(raw, scores.median, scores.scale, method.z_center),
-                       0.0).astype(np.float32)
+    probseg = np.zeros(raw.shape, dtype=np.float32)
+    probseg[brain] = probseg_transform(raw[brain], scores.median, scores.scale, method.z_center)
     anomaly = (probseg > method.threshold) & brain
 
     paths = output_paths(image, ctx.settings.inputs.output_dir)
@@ -121,4 +121,4 @@ def _write_map(path: Path, data: np.ndarray, native: nib.Nifti1Image, header, dt
     hdr.set_data_dtype(dtype)
     hdr["scl_slope"] = 1.0
     hdr["scl_inter"] = 0.0
-    write_nifti(path, nib.Nifti1Image(data.astype(dtype), native.affine, hdr))
+    write_nifti(path, nib.Nifti1Image(data.astype(dtype, copy=False), native.affine, hdr))

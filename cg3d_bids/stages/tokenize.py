@@ -76,13 +76,16 @@ def tokenize_images(ctx: StageContext, usable: list[PreparedImage], landmarks: L
 
 def standardised_cube(ctx: StageContext, prepared: PreparedImage, landmarks: Landmarks) -> np.ndarray:
     """The image's cube with Nyul-standardised intensities (what the encoder sees)."""
-    from ..core.preprocessing import standardise
+    from ..core.preprocessing import PERCENTILES
+    from ..core.preprocessing.nyul import standardise_values
 
     mask = prepared.cube_mask()
+    # the image's own landmarks were computed by ``prepare`` from these very values
+    own = prepared.percentiles if tuple(landmarks.percentiles) == tuple(PERCENTILES) else None
     data = np.zeros(mask.shape, dtype=np.float32)
-    data[mask] = _cube_values(ctx, prepared, mask)
-    return standardise(data, mask, np.asarray(landmarks.landmarks), landmarks.percentiles,
-                       source=str(prepared.image.path))
+    data[mask] = standardise_values(_cube_values(ctx, prepared, mask), np.asarray(landmarks.landmarks),
+                                    landmarks.percentiles, source=str(prepared.image.path), own=own)
+    return data
 
 
 def _cube_values(ctx: StageContext, prepared: PreparedImage, mask: np.ndarray) -> np.ndarray:

@@ -255,14 +255,15 @@ def load_mask_for_image(mask_path: PathLike, image: nib.Nifti1Image, *, warn: bo
     See :func:`map_mask_to_image`, which also says whether the mask was resampled. ``warn``: log
     :meth:`MappedMask.warning` (once per image: the stage that first checks it).
     """
-    mapped = map_mask_to_image(mask_path, image)
+    mapped = map_mask_to_image(mask_path, image, background=warn)
     message = mapped.warning(source_name(image)) if warn else None
     if message:
         LOGGER.warning("%s", message)
     return mapped.mask
 
 
-def map_mask_to_image(mask_path: PathLike, image: nib.Nifti1Image, *, brain: bool = True) -> MappedMask:
+def map_mask_to_image(mask_path: PathLike, image: nib.Nifti1Image, *, brain: bool = True,
+                      background: bool = True) -> MappedMask:
     """Put a brain mask on ``image``'s grid (same grid: as is; else nearest neighbour in world space).
 
     Mask values: ``> 0`` for integer files, ``>= 0.5`` for float files (probabilistic masks).
@@ -270,7 +271,8 @@ def map_mask_to_image(mask_path: PathLike, image: nib.Nifti1Image, *, brain: boo
     empty, mostly outside the image's field of view (< 50 %), empty or tiny (< 0.1 % of the image)
     once mapped, lies mostly (> 50 %) on zero-valued image voxels (misaligned), or when the image
     is all zero inside it. ``brain=False`` (e.g. lesion masks) keeps only the unreadable/not-3D and
-    field-of-view checks, and allows an empty mask.
+    field-of-view checks, and allows an empty mask. ``background=False`` skips measuring
+    :attr:`MappedMask.background_fraction` (only its warning uses it; left 0).
     """
     mask_path = Path(mask_path)
     if not mask_path.is_file():
@@ -301,13 +303,14 @@ def map_mask_to_image(mask_path: PathLike, image: nib.Nifti1Image, *, brain: boo
         mapped = resample_mask(mask_data, np.linalg.inv(mask_can.affine) @ image.affine, shape)
         LOGGER.debug("mask %s resampled (nearest neighbour) from grid %s to the grid %s of %s",
                      mask_path, mask_data.shape, shape, source_name(image))
-    background = 0.0
+    fraction = 0.0
     if brain:
         data = np.asanyarray(image.dataobj)
         _check_mapped_mask(mapped, data, mask_path, pair)
-        background = background_fraction(mapped, data)
+        if background:
+            fraction = background_fraction(mapped, data)
     return MappedMask(mask=mapped, resampled=not same_grid, inside_fov_fraction=float(inside),
-                      source=str(mask_path), background_fraction=background, grid=tuple(mask_data.shape))
+                      source=str(mask_path), background_fraction=fraction, grid=tuple(mask_data.shape))
 
 
 def background_fraction(mask: np.ndarray, data: np.ndarray) -> float:

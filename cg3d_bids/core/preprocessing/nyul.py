@@ -95,28 +95,38 @@ def learn_landmarks(brain_values: Sequence[np.ndarray],
 
 
 def standardise(cube_data: np.ndarray, mask: np.ndarray, landmarks: np.ndarray,
-                percentiles: Sequence[float] = PERCENTILES, *, source: str | None = None) -> np.ndarray:
+                percentiles: Sequence[float] = PERCENTILES, *, source: str | None = None,
+                own: Sequence[float] | None = None) -> np.ndarray:
     """Nyul-standardised copy of ``cube_data`` in [0, 1] (float32), 0 outside ``mask`` (step 4).
 
-    ``source`` names the image in errors. Raises :class:`InputDataError` for an empty mask or a
-    constant brain, ``ValueError`` for landmarks that do not match ``percentiles``.
+    ``source`` names the image in errors; ``own``: the image's landmarks at ``percentiles`` when
+    already known (:func:`image_landmarks` of these very brain values), not computed again.
+    Raises :class:`InputDataError` for an empty mask or a constant brain, ``ValueError`` for
+    landmarks that do not match ``percentiles``.
     """
-    p = _check_percentiles(percentiles)
-    mu = np.asarray(landmarks, dtype=np.float64)
-    if mu.shape != p.shape or not np.all(np.isfinite(mu)) or np.any(np.diff(mu) < 0):
-        raise ValueError(f"landmarks must be {p.size} finite non-decreasing values, got {mu.tolist()}")
     data = np.asarray(cube_data)
     mask = np.asarray(mask, dtype=bool)
     if mask.shape != data.shape:
         raise ValueError(f"mask shape {mask.shape} != data shape {data.shape}")
-    brain = data[mask].astype(np.float64)
+    out = np.zeros(data.shape, dtype=np.float32)
+    out[mask] = standardise_values(data[mask], landmarks, percentiles, source=source, own=own)
+    return out
+
+
+def standardise_values(brain_values: np.ndarray, landmarks: np.ndarray, percentiles: Sequence[float] = PERCENTILES,
+                       *, source: str | None = None, own: Sequence[float] | None = None) -> np.ndarray:
+    """:func:`standardise` of an image's brain voxels only (a 1D array): float64 in [0, 1]."""
+    p = _check_percentiles(percentiles)
+    mu = np.asarray(landmarks, dtype=np.float64)
+    if mu.shape != p.shape or not np.all(np.isfinite(mu)) or np.any(np.diff(mu) < 0):
+        raise ValueError(f"landmarks must be {p.size} finite non-decreasing values, got {mu.tolist()}")
+    brain = np.asarray(brain_values).astype(np.float64).ravel()
     if brain.size == 0:
         raise InputDataError("the brain mask is empty: nothing to standardise", path=source,
                              fix="check the brain mask")
-    own = image_landmarks(brain, p)
+    own = image_landmarks(brain, p) if own is None else np.asarray(own, dtype=np.float64)
+    if own.shape != p.shape:
+        raise ValueError(f"own landmarks must be {p.size} values, got {own.tolist()}")
     check_landmarks(own, source or "the image", source)
     xp, fp = _merge_ties(own, mu)
-    mapped = np.clip(np.interp(brain, xp, fp), 0.0, 1.0)
-    out = np.zeros(data.shape, dtype=np.float32)
-    out[mask] = mapped
-    return out
+    return np.clip(np.interp(brain, xp, fp), 0.0, 1.0)
