@@ -35,6 +35,7 @@ WHEELS=(
   igraph==1.0.0 texttable==1.7.2
   nilearn==0.14.1
   tomli-w==1.2.0
+  isal==1.7.2
 )
 
 # Real 1 mm skull-stripped T1w volumes (manifest paths) with a brain mask on their grid.

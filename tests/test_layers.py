@@ -102,3 +102,16 @@ def test_the_cycle_check_can_fail(tmp_path, monkeypatch):
         assert "cg3d_bids.a -> cg3d_bids.b -> cg3d_bids.a" in str(exc)
     else:
         raise AssertionError("the planted cycle was not found")
+
+
+def test_the_command_line_starts_without_torch():
+    """``cg3d --help``/``--version`` and argument errors answer in about a second: the command
+    line, its settings and the encoder registry import no torch/timm (the stages do, when run)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, cg3d_bids.cli.main, cg3d_bids.settings, cg3d_bids.core.models; "
+            "from cg3d_bids.core.models import all_encoder_names; all_encoder_names(); "
+            "print(sorted(m for m in ('torch', 'timm') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr

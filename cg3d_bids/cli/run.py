@@ -421,6 +421,7 @@ def _preload() -> None:
     import torch  # noqa: F401
 
     from .. import stages  # noqa: F401
+    from ..core.models import encoders  # noqa: F401
     from ..reports import figures, subject  # noqa: F401
 
 
