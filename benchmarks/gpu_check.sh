@@ -20,8 +20,9 @@
 #   processes, ViT-L/14 weights ~20 s), then the cg3d run, which is stopped at DEADLINE (530 s after
 #   the script started) so that the tables and logs always come back: at most ~9.5 min, plus the
 #   machine's start. Expected from the CPU figures of 2026-12-01 (bench_e2e, 1 mm, cube 224: prepare
-#   ~1.1, outputs ~2.2, reports ~0.05 core-s per volume) the CPU stages of 180 volumes take ~30-40 s
-#   on 16 cores, so the run should finish well before the cap; if it does not, the report gives the
+#   ~1.1, outputs ~1.5, tokenize without the encoder ~0.4, reports ~0.05 core-s per volume) the CPU
+#   stages of 180 volumes take ~25-35 s on 16 cores, so the run should finish well before the cap;
+#   if it does not, the report gives the
 #   tokenize rate, GPU use and peak VRAM from cg3d's progress lines.
 #   $OUT gets (<= 8 files): gpu_check.log, report.md, nvidia-smi.csv, timings.tsv, cg3d.log,
 #   cg3d-output.log.gz, machine.txt.

@@ -15,6 +15,7 @@ REAL_DEFAULTS = {
     "--n-bins": "10000",
     "--size-edges": "100 1000",
     "--voxel-weighting": "volume",
+    "--lock-wait": "0.0",
 }
 
 
@@ -75,6 +76,7 @@ def test_help_lists_weighting_choices_matching_rule_and_exit_codes(capsys):
     (["--size-edges", "1000", "100"], "--size-edges must be positive and increasing"),
     (["--size-edges", "-5"], "--size-edges must be positive and increasing"),
     (["--voxel-weighting", "area"], "invalid choice: 'area'"),
+    (["--lock-wait", "-1"], "'-1' must be >= 0"),
     ([], "the following arguments are required: --ground-truth"),
 ])
 def test_usage_errors_exit_64_with_a_message(tmp_path, capsys, args, message):
@@ -99,3 +101,24 @@ def test_settings_from_args_carries_every_option(tmp_path):
         "count", False, tmp_path / "e")
     defaults = ev.settings_from_args(ev.build_parser().parse_args([str(tmp_path), "--ground-truth", "x"]))
     assert defaults == ev.EvaluationSettings()  # the command's defaults are the module's
+
+
+@pytest.mark.parametrize("eval_dir", [False, True])
+def test_a_busy_output_folder_stops_the_evaluation_with_exit_75(tmp_path, capsys, eval_dir):
+    """A cg3d run writing OUTPUT_DIR holds its lock: evaluate neither writes there nor reads half a run."""
+    from cg3d_bids.errors import EXIT_TEMPFAIL
+    from cg3d_bids.locks import EXCLUSIVE, SHARED, FolderLock
+
+    out = tmp_path / "out"
+    out.mkdir()
+    extra = ["--eval-dir", str(tmp_path / "eval")] if eval_dir else []
+    with FolderLock(out, EXCLUSIVE, label="output folder"):
+        code = ev.main([str(out), "--ground-truth", str(tmp_path), *extra])
+    assert code == EXIT_TEMPFAIL == 75
+    err = capsys.readouterr().err
+    assert "output folder" in err and str(out) in err and "--lock-wait" in err
+    assert not (out / "eval_T1w.tsv").exists() and not (tmp_path / "eval").exists()
+    # a reader (--eval-dir) shares the folder with other readers; a writer does not
+    with FolderLock(out, SHARED, label="output folder"):
+        code = ev.main([str(out), "--ground-truth", str(tmp_path), *extra])
+    assert (code == EXIT_TEMPFAIL) != eval_dir

@@ -112,8 +112,18 @@ def build_parser() -> EvaluateArgumentParser:
                         "report nor .bidsignore is touched), e.g. for a subset of subjects")
     parser.add_argument("--no-report", "--no_report", dest="report", action="store_false",
                         help="do not add the evaluation section to group_<mod>.html")
+    parser.add_argument("--lock-wait", "--lock_wait", dest="lock_wait", type=_seconds, default=0.0,
+                        metavar="SECONDS",
+                        help="when a cg3d run holds OUTPUT_DIR, wait up to this many seconds for it ('inf': as "
+                        "long as it takes) instead of stopping at once with exit 75 and a message naming it")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="-vv: debug messages in the log")
     return parser
+
+
+def _seconds(value: str) -> float:
+    from ..settings import seconds
+
+    return seconds(value)
 
 
 def settings_from_args(args: argparse.Namespace) -> EvaluationSettings:
@@ -138,13 +148,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose > 1 else logging.INFO,
                         format="%(levelname)s: %(message)s", stream=sys.stderr)
     try:
-        results = run_evaluation(args.output_dir, args.ground_truth, settings)
+        with _output_lock(args.output_dir, writes=settings.eval_dir is None, wait_s=args.lock_wait):
+            results = run_evaluation(args.output_dir, args.ground_truth, settings)
     except Cg3dError as exc:
         print(f"cg3d evaluate: error: {exc.render()}", file=sys.stderr)
         return exc.exit_code
     for result in results:
         print(markdown_summary(result))
     return 0
+
+
+def _output_lock(output_dir: Path, *, writes: bool, wait_s: float):
+    """The output folder's lock (:mod:`cg3d_bids.locks`): exclusive when the evaluation writes its
+    tables and report section there, shared when it only reads it (``--eval-dir``); a missing
+    folder is left to the evaluation's own error."""
+    import contextlib
+
+    from ..locks import EXCLUSIVE, SHARED, FolderLock
+
+    if not Path(output_dir).is_dir():
+        return contextlib.nullcontext()
+    return FolderLock(output_dir, EXCLUSIVE if writes else SHARED, label="output folder", wait_s=wait_s)
 
 
 if __name__ == "__main__":

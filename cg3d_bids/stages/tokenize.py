@@ -81,7 +81,8 @@ def standardised_cube(ctx: StageContext, prepared: PreparedImage, landmarks: Lan
 
     mask = prepared.cube_mask()
     # the image's own landmarks were computed by ``prepare`` from these very values
-    own = prepared.percentiles if tuple(landmarks.percentiles) == tuple(PERCENTILES) else None
+    same = tuple(landmarks.percentiles) == tuple(PERCENTILES) and len(prepared.percentiles) == len(PERCENTILES)
+    own = prepared.percentiles if same else None
     data = np.zeros(mask.shape, dtype=np.float32)
     data[mask] = standardise_values(_cube_values(ctx, prepared, mask), np.asarray(landmarks.landmarks),
                                     landmarks.percentiles, source=str(prepared.image.path), own=own)
