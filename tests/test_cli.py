@@ -42,6 +42,25 @@ def test_version(capsys):
     assert __version__ in capsys.readouterr().out
 
 
+def test_nipype_does_not_call_home(monkeypatch):
+    """No etelemetry request from nipype's first interface (offline nodes would stall on it)."""
+    import os
+
+    from nipype.interfaces.base import BaseInterface
+
+    monkeypatch.delenv("NIPYPE_NO_ET", raising=False)
+    with pytest.raises(SystemExit):
+        main(["--version"])
+    assert os.environ["NIPYPE_NO_ET"] == "1"
+    calls = []
+    monkeypatch.setattr(BaseInterface, "_etelemetry_version_data", None)
+    monkeypatch.setattr("nipype.check_latest_version", lambda *a, **k: calls.append(1))
+    from cg3d_bids.interfaces.stage import PrepareImage
+
+    PrepareImage()
+    assert calls == []
+
+
 def test_unknown_level_exits_17(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         parse_args([str(_bids(tmp_path)), str(tmp_path / "out"), "session"])

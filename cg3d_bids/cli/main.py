@@ -7,6 +7,7 @@ A BIDS folder literally named like a command is given as ``./demo``.
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable, Sequence
 
@@ -28,6 +29,9 @@ assert set(HANDLERS) == set(COMMANDS), "every subcommand is listed in cg3d --hel
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``cg3d``; returns the exit code."""
+    # nipype would ask the network for its latest version (etelemetry) at the first interface: a
+    # stall on offline HPC nodes and a call home nobody asked for (the container sets it too)
+    os.environ.setdefault("NIPYPE_NO_ET", "1")
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in HANDLERS:
         return HANDLERS[argv[0]](argv[1:])
