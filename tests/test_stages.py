@@ -180,3 +180,29 @@ def test_figures_are_drawn_with_the_maps_and_reused_by_the_report(scored, monkey
     html = write_subject_report(out, result.image.subject, [report_image(result, out, 6)],
                                 ctx.settings.provenance()).read_text()
     assert result.figures.anomaly.split("/")[-1] in html and "figure failed" not in html.lower()
+
+
+def test_tokens_are_written_in_the_background_and_a_failed_write_stops_the_stage(dataset, tmp_path, monkeypatch):
+    """Every token record is stored (cube files removed) although the writes run beside the
+    encoder; a write that fails stops the stage with its error instead of being lost."""
+    ctx = context(dataset, tmp_path)
+    prepared = [stages.prepare(ctx, image) for image in dataset["images"][:3]]
+    landmarks = stages.landmarks(ctx, prepared, "T1w")
+    refs = stages.tokenize(ctx, prepared, landmarks)
+    assert [r.load().bids_name for r in refs] == [p.name for p in prepared]
+    assert not any(ctx.cache.cube_path(p.image, p.key).exists() for p in prepared)
+
+    other = context(dataset, tmp_path / "again")
+    prepared = [stages.prepare(other, image) for image in dataset["images"][:3]]
+    real, calls = other.cache.store, []
+
+    def store(record):
+        calls.append(record.bids_name)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        return real(record)
+
+    monkeypatch.setattr(other.cache, "store", store)
+    with pytest.raises(OSError, match="No space left"):
+        stages.tokenize(other, prepared, landmarks)
+    assert calls[:2] == [p.name for p in prepared[:2]]

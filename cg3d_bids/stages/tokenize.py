@@ -3,15 +3,17 @@
 The encoder is built once per call for every image whose tokens are not cached yet; the next
 cube is loaded, resampled and standardised in a background thread while the current one is
 encoded (loading and resampling release the GIL for much of their time; at most two cubes are
-held). Tokens are cached by the image's prepare key, the landmarks and every token setting.
+held), and each volume's tokens are written in another while the next one is encoded. Tokens are
+cached by the image's prepare key, the landmarks and every token setting.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 
@@ -50,25 +52,24 @@ def tokenize_images(ctx: StageContext, usable: list[PreparedImage], landmarks: L
         encoder = build_encoder(ctx)
         method, execution = ctx.settings.method, ctx.settings.execution
         start, encode_wall, encode_cpu = time.time(), 0.0, 0.0
-        for done, (prep, volume) in enumerate(zip(todo, _prefetched_cubes(ctx, todo, landmarks)), 1):
-            t0 = time.monotonic()
-            tok = tokenize_volume(volume, prep.cube_mask(), encoder, projection_dim=method.projection_dim,
-                                  seed=method.random_seed, device=execution.device,
-                                  slice_batch=execution.slice_batch, precision=ctx.settings.run.precision)
-            encode_wall += tok.info["encode_seconds"]
-            encode_cpu += tok.info["encode_cpu_seconds"]
-            record = ImageTokens(
-                bids_name=prep.image.bids_name, modality=landmarks.modality,
-                key=tokens_key(ctx, prep, landmarks), grid=tok.grid, layers=tuple(tok.layers),
-                tokens=tok.tokens, valid=tok.valid, is_test=tok.is_test,
-                info={k: v for k, v in tok.info.items() if isinstance(v, (int, float, str)) or v is None},
-            )
-            ctx.cache.store(record)
-            ctx.cache.cube_path(prep.image, prep.key).unlink(missing_ok=True)  # tokens exist now
-            elapsed = time.time() - start
-            LOGGER.info("[tokens %s %d/%d] %s in %.1f s (elapsed %.0f s, about %.0f s left)",
-                        landmarks.modality, done, len(todo), prep.image.bids_name, time.monotonic() - t0,
-                        elapsed, elapsed / done * (len(todo) - done))
+        with _BackgroundStore(ctx) as store:
+            for done, (prep, volume) in enumerate(zip(todo, _prefetched_cubes(ctx, todo, landmarks)), 1):
+                t0 = time.monotonic()
+                tok = tokenize_volume(volume, prep.cube_mask(), encoder, projection_dim=method.projection_dim,
+                                      seed=method.random_seed, device=execution.device,
+                                      slice_batch=execution.slice_batch, precision=ctx.settings.run.precision)
+                encode_wall += tok.info["encode_seconds"]
+                encode_cpu += tok.info["encode_cpu_seconds"]
+                store.put(prep, ImageTokens(
+                    bids_name=prep.image.bids_name, modality=landmarks.modality,
+                    key=tokens_key(ctx, prep, landmarks), grid=tok.grid, layers=tuple(tok.layers),
+                    tokens=tok.tokens, valid=tok.valid, is_test=tok.is_test,
+                    info={k: v for k, v in tok.info.items() if isinstance(v, (int, float, str)) or v is None},
+                ))
+                elapsed = time.time() - start
+                LOGGER.info("[tokens %s %d/%d] %s in %.1f s (elapsed %.0f s, about %.0f s left)",
+                            landmarks.modality, done, len(todo), prep.image.bids_name, time.monotonic() - t0,
+                            elapsed, elapsed / done * (len(todo) - done))
         timings.record(ctx.timings_dir, "encode", landmarks.modality, len(todo), start, start + encode_wall,
                        encode_cpu)
     return [Ref(paths[p.image.bids_name], ImageTokens) for p in usable]
@@ -117,6 +118,44 @@ def _prefetched_cubes(ctx: StageContext, todo: list[PreparedImage], landmarks: L
             pending = (pool.submit(standardised_cube, ctx, todo[index + 1], landmarks)
                        if index + 1 < len(todo) else None)
             yield result
+
+
+class _BackgroundStore:
+    """Stores token records in a background thread while the next volume is encoded (a ViT-L
+    record is 25 MB: written in the encoding loop, it would leave a GPU idle for that long). At
+    most one record waits; errors surface at the next :meth:`put` or on leaving the block, which
+    waits for the last write."""
+
+    def __init__(self, ctx: StageContext):
+        self.ctx = ctx
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cg3d-store")
+        self._pending: Future | None = None
+
+    def __enter__(self) -> _BackgroundStore:
+        return self
+
+    def put(self, prep: PreparedImage, record: ImageTokens) -> None:
+        self._wait()
+        self._pending = self._pool.submit(self._store, prep, record)
+
+    def _store(self, prep: PreparedImage, record: ImageTokens) -> None:
+        self.ctx.cache.store(record)
+        self.ctx.cache.cube_path(prep.image, prep.key).unlink(missing_ok=True)  # tokens exist now
+
+    def _wait(self) -> None:
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
+        try:
+            if exc_type is None:
+                self._wait()
+            else:  # the block's own error is the one to report; the last write still completes
+                with contextlib.suppress(Exception):
+                    self._wait()
+        finally:
+            self._pool.shutdown(wait=True)
 
 
 def build_encoder(ctx: StageContext):
