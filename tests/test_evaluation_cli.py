@@ -122,3 +122,20 @@ def test_a_busy_output_folder_stops_the_evaluation_with_exit_75(tmp_path, capsys
     with FolderLock(out, SHARED, label="output folder"):
         code = ev.main([str(out), "--ground-truth", str(tmp_path), *extra])
     assert (code == EXIT_TEMPFAIL) != eval_dir
+
+
+def test_a_read_only_output_folder_is_evaluated_without_a_lock(tmp_path, monkeypatch):
+    """An archived (read-only) run folder is read without taking (creating) a lock there."""
+    import cg3d_bids.locks as locks
+
+    out = tmp_path / "out"
+    out.mkdir()
+    taken = []
+    monkeypatch.setattr(locks, "FolderLock", lambda *a, **k: taken.append(a) or pytest.fail("locked"))
+    monkeypatch.setattr("os.access", lambda path, mode: False)
+    code = ev.main([str(out), "--ground-truth", str(tmp_path), "--eval-dir", str(tmp_path / "eval")])
+    assert code != 75 and taken == []
+    monkeypatch.setattr("os.access", lambda path, mode: True)  # a writable one is locked
+    with pytest.raises(pytest.fail.Exception, match="locked"):
+        ev.main([str(out), "--ground-truth", str(tmp_path), "--eval-dir", str(tmp_path / "eval")])
+    assert len(taken) == 1

@@ -160,13 +160,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _output_lock(output_dir: Path, *, writes: bool, wait_s: float):
     """The output folder's lock (:mod:`cg3d_bids.locks`): exclusive when the evaluation writes its
-    tables and report section there, shared when it only reads it (``--eval-dir``); a missing
-    folder is left to the evaluation's own error."""
+    tables and report section there, shared when it only reads it (``--eval-dir``). A missing
+    folder is left to the evaluation's own error; a read-only one (an archived run) is read
+    without a lock, since no run can be writing it through this mount."""
     import contextlib
+    import os
 
     from ..locks import EXCLUSIVE, SHARED, FolderLock
 
-    if not Path(output_dir).is_dir():
+    if not Path(output_dir).is_dir() or not os.access(output_dir, os.W_OK):
         return contextlib.nullcontext()
     return FolderLock(output_dir, EXCLUSIVE if writes else SHARED, label="output folder", wait_s=wait_s)
 
