@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
 import time
@@ -45,6 +44,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from _child import run_child  # noqa: E402  (benchmarks/, the script's folder)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -158,19 +159,12 @@ def child_stage(args) -> dict:
 # ------------------------------------------------------------------------------------------------
 # driver
 def _spawn(args, child: str, codegraph: bool = True, **extra) -> dict:
-    cmd = [sys.executable, __file__, "--child", child, "--device", args.device,
-           "--tokens", str(args.tokens), "--dim", str(args.dim)]
+    options = ["--device", args.device, "--tokens", str(args.tokens), "--dim", str(args.dim)]
     if args.threads:
-        cmd += ["--threads", str(args.threads)]
+        options += ["--threads", str(args.threads)]
     if not codegraph:
-        cmd.append("--no-codegraph")
-    for key, value in extra.items():
-        cmd += [f"--{key.replace('_', '-')}", str(value)]
-    out = subprocess.run(cmd, capture_output=True, text=True)
-    if out.returncode:
-        raise SystemExit(f"child {child} failed:\n{out.stderr[-3000:]}")
-    line = [row for row in out.stdout.splitlines() if row.startswith("RESULT ")][-1]
-    return json.loads(line[len("RESULT "):])
+        options.append("--no-codegraph")
+    return run_child(__file__, child, options, **extra)
 
 
 def _mb(n: float) -> str:

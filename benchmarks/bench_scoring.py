@@ -40,6 +40,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from _child import run_child  # noqa: E402  (benchmarks/, the script's folder)
 MSM_PATH = "models/modules/_MSM.py"
 MATMUL_SIZE = 4096
 
@@ -191,21 +193,14 @@ def run_size(args: argparse.Namespace) -> dict:
 
 
 def _spawn(args: argparse.Namespace, child: str, **extra) -> dict:
-    cmd = [sys.executable, __file__, "--child", child, "--device", args.device,
-           "--tokens", str(args.tokens), "--dim", str(args.dim), "--repeats", str(args.repeats),
-           "--rounds", str(args.rounds),
-           "--compare-shape", ",".join(str(s) for s in args.compare_shape)]
+    options = ["--device", args.device, "--tokens", str(args.tokens), "--dim", str(args.dim),
+               "--repeats", str(args.repeats), "--rounds", str(args.rounds),
+               "--compare-shape", ",".join(str(s) for s in args.compare_shape)]
     if args.musc_repo:
-        cmd += ["--musc-repo", args.musc_repo]
+        options += ["--musc-repo", args.musc_repo]
     if args.threads:
-        cmd += ["--threads", str(args.threads)]
-    for key, value in extra.items():
-        cmd += [f"--{key.replace('_', '-')}", str(value)]
-    out = subprocess.run(cmd, capture_output=True, text=True)
-    if out.returncode:
-        raise SystemExit(f"child {child} failed:\n{out.stderr[-3000:]}")
-    line = [row for row in out.stdout.splitlines() if row.startswith("RESULT ")][-1]
-    return json.loads(line[len("RESULT "):])
+        options += ["--threads", str(args.threads)]
+    return run_child(__file__, child, options, **extra)
 
 
 # ------------------------------------------------------------------------------------------------
