@@ -20,6 +20,7 @@ give byte-identical scores (same device, threads and ``--score-chunk-mb``).
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -139,15 +140,9 @@ def score_shard(ctx: StageContext, tokens: list[Ref[ImageTokens]], order: list[s
     from ..core.scoring.shards import score_rows
 
     i, n, array, valid, query, folder = _shard_inputs(ctx, tokens, order, modality, batch, shard, "rows")
-    written = []
-    for layer in range(array.shape[0]):
-        path = folder / f"rows-L{layer}-{i}of{n}.npz"
-        if not path.exists():
-            rows = score_rows(array[layer], valid, query, ctx.settings.method.fraction,
-                              codegraph=ctx.settings.codegraph_settings, block_mb=ctx.settings.execution.score_chunk_mb,
-                              device=ctx.settings.execution.device)
-            _save(path, rows)
-        written.append(path)
+    written = _layer_files(folder, "rows", i, n, array.shape[0], lambda layer: score_rows(
+        array[layer], valid, query, ctx.settings.method.fraction, codegraph=ctx.settings.codegraph_settings,
+        block_mb=ctx.settings.execution.score_chunk_mb, device=ctx.settings.execution.device))
     LOGGER.info("[scores %s batch %d] shard %d/%d: rows of %d image(s) written", modality, batch, i, n, len(query))
     return written
 
@@ -179,24 +174,34 @@ def rescore_shard(ctx: StageContext, tokens: list[Ref[ImageTokens]], order: list
     from ..core.scoring.shards import GraphResult, RescoredRows, RowScores, rescore_rows
 
     i, n, array, valid, query, folder = _shard_inputs(ctx, tokens, order, modality, batch, shard, "final")
+
+    rows_paths = [folder / f"rows-L{layer}-{i}of{n}.npz" for layer in range(array.shape[0])]
+    _required(rows_paths, f"{modality} batch {batch}: shard {i}/{n} has no rows",
+              f"run `--stage score --shard {i}/{n}` first")
+
+    def final(layer: int) -> RescoredRows:
+        rows = _load(RowScores, rows_paths[layer])
+        if ctx.settings.codegraph_settings is None:
+            return RescoredRows(images=rows.images, scores=rows.scores,
+                                excluded=np.zeros(rows.scores.shape, dtype=bool))
+        graph_path = folder / f"graph-L{layer}.npz"
+        _required([graph_path], f"{modality} batch {batch}: no graph", "run `--stage graph` first")
+        return rescore_rows(array[layer], valid, query, ctx.settings.method.fraction, rows,
+                            _load(GraphResult, graph_path), block_mb=ctx.settings.execution.score_chunk_mb,
+                            device=ctx.settings.execution.device)
+
+    return _layer_files(folder, "final", i, n, array.shape[0], final)
+
+
+def _layer_files(folder: Path, kind: str, i: int, n: int, n_layers: int,
+                 make: Callable[[int], Any]) -> list[Path]:
+    """``<kind>-L<layer>-<i>of<n>.npz`` of every layer in ``folder``, each written with
+    ``make(layer)`` unless it is there already (a rerun resumes)."""
     written = []
-    for layer in range(array.shape[0]):
-        path = folder / f"final-L{layer}-{i}of{n}.npz"
-        rows_path = folder / f"rows-L{layer}-{i}of{n}.npz"
-        _required([rows_path], f"{modality} batch {batch}: shard {i}/{n} has no rows",
-                  f"run `--stage score --shard {i}/{n}` first")
+    for layer in range(n_layers):
+        path = folder / f"{kind}-L{layer}-{i}of{n}.npz"
         if not path.exists():
-            rows = _load(RowScores, rows_path)
-            if ctx.settings.codegraph_settings is None:
-                final = RescoredRows(images=rows.images, scores=rows.scores,
-                                     excluded=np.zeros(rows.scores.shape, dtype=bool))
-            else:
-                graph_path = folder / f"graph-L{layer}.npz"
-                _required([graph_path], f"{modality} batch {batch}: no graph", "run `--stage graph` first")
-                final = rescore_rows(array[layer], valid, query, ctx.settings.method.fraction, rows,
-                                     _load(GraphResult, graph_path), block_mb=ctx.settings.execution.score_chunk_mb,
-                                     device=ctx.settings.execution.device)
-            _save(path, final)
+            _save(path, make(layer))
         written.append(path)
     return written
 
