@@ -86,6 +86,29 @@ def test_truncated_gzip(tmp_path):
     _assert_input_error(path, "truncated or corrupt")
 
 
+def test_corrupt_deflate_stream(tmp_path):
+    """Damage inside the compressed stream (ISA-L raises its own error type there) is reported
+    as a corrupt file, with or without ISA-L."""
+    import builtins
+
+    data = bytearray(demo_image().read_bytes())
+    data[20:70] = bytes(b ^ 0xFF for b in data[20:70])
+    path = tmp_path / "sub-01_T1w.nii.gz"
+    path.write_bytes(bytes(data))
+    _assert_input_error(path, "truncated or corrupt")
+    real_import = builtins.__import__
+
+    def no_isal(name, *args, **kwargs):
+        if name.startswith("isal"):
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(builtins, "__import__", no_isal)
+        _assert_input_error(path, "truncated or corrupt")
+        assert load_image(demo_image()).shape == load_image(demo_image()).shape  # the fallback reads
+
+
 def test_truncated_uncompressed(tmp_path):
     path = save(tmp_path, "sub-01_T1w.nii", np.ones((20, 20, 20), np.float32))
     path.write_bytes(path.read_bytes()[:5000])
@@ -472,6 +495,25 @@ def test_axis_aligned_linear_resampling_repeats_scipys_arithmetic():
         assert got.dtype == expected.dtype
         assert np.array_equal(got.view(np.uint8), expected.view(np.uint8)), (trial, shape_in, vox2vox)
         assert np.array_equal(_linear_separable(data, vox2vox, where).view(np.uint8), got.view(np.uint8))
+
+
+def test_image_landmarks_are_numpys_percentiles_exactly():
+    """Sorting before ``numpy.percentile`` (a speed-up) must not change a single bit."""
+    from cg3d_bids.core.preprocessing.nyul import image_landmarks
+
+    rng = np.random.default_rng(11)
+    cases = [rng.gamma(2.0, 100.0, 100_003).astype(np.float32), rng.normal(size=5_001),
+             rng.integers(0, 40, 20_000).astype(np.int16),            # many ties
+             np.array([3.5], np.float32), np.array([2.0, -1.0])]
+    for values in cases:
+        expected = np.percentile(np.asarray(values, dtype=np.float64), list(PERCENTILES))
+        got = image_landmarks(values, PERCENTILES)
+        assert got.dtype == np.float64 and np.array_equal(got.view(np.uint64), expected.view(np.uint64))
+    shuffled = rng.permutation(cases[0])
+    assert np.array_equal(image_landmarks(shuffled), image_landmarks(cases[0]))
+    values = cases[0].copy()
+    image_landmarks(values)
+    assert np.array_equal(values, cases[0])     # the caller's array is not sorted in place
 
 
 def test_standardise_with_known_own_landmarks_is_the_same():

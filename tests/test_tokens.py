@@ -47,6 +47,18 @@ def test_black_slices_are_encoded_once_and_reused_exactly():
     np.testing.assert_allclose(batched.tokens, full.tokens, rtol=0, atol=1e-5)
 
 
+def test_black_slices_per_axis():
+    from cg3d_bids.core.tokens import black_slices
+
+    cube = np.zeros((9, 9, 9), np.float32)
+    cube[2, 3:5, 6] = 0.5
+    cube[7, 1, 1] = -1.0     # nonzero, even if negative
+    black = black_slices(cube)
+    for axis in range(3):
+        expected = [not cube.take(i, axis=axis).any() for i in range(9)]
+        assert black[axis].tolist() == expected, axis
+
+
 def test_deterministic_for_a_seed_and_different_for_another():
     cube, mask = brain_in_box(28, lo=(2, 5, 9), hi=(26, 20, 27), seed=2)
     enc = tiny_encoder("test-tiny-vit", 28)

@@ -35,7 +35,8 @@ import torch.nn.functional as F
 from ..errors import InputDataError, UsageError
 from .projection import projection_tensor
 
-__all__ = ["AXES", "TOKEN_FORMAT", "TokenSet", "batch_slices_for_memory", "token_validity", "tokenize_volume"]
+__all__ = ["AXES", "TOKEN_FORMAT", "TokenSet", "batch_slices_for_memory", "black_slices", "token_validity",
+           "tokenize_volume"]
 
 #: (name, cube axis that is sliced), in concatenation order.
 AXES: tuple[tuple[str, int], ...] = (("axial", 2), ("coronal", 1), ("sagittal", 0))
@@ -80,6 +81,17 @@ def token_validity(mask: np.ndarray, patch: int) -> np.ndarray:
     mask = np.asarray(mask, dtype=bool)
     g = mask.shape[0] // patch
     return mask.reshape(g, patch, g, patch, g, patch).any(axis=(1, 3, 5)).reshape(-1)
+
+
+def black_slices(cube: np.ndarray) -> list[np.ndarray]:
+    """Per cube axis, which slices along it are all zero: ``(H,)`` bool each.
+
+    Two reductions of ``cube != 0`` on the host (the cube is a host array; ~10x faster on CPU
+    than testing each axis's slices as a tensor, and no device round trip).
+    """
+    nonzero = np.asarray(cube) != 0
+    xy, xz = nonzero.any(axis=2), nonzero.any(axis=1)
+    return [~xy.any(axis=1), ~xy.any(axis=0), ~xz.any(axis=0)]
 
 
 def batch_slices_for_memory(encoder, max_batch_mb: float | None, precision: str) -> int | None:
@@ -173,6 +185,7 @@ def tokenize_volume(
     n_layers, dim = encoder.num_layers, encoder.embed_dim
     proj = projection_tensor(dim, projection_dim, seed, dev)
     volume = torch.from_numpy(np.ascontiguousarray(cube, dtype=np.float32)).to(dev)
+    black = black_slices(cube) if reuse_black_slices else [np.zeros(size, dtype=bool)] * 3
     black_feats: torch.Tensor | None = None
     n_encoded = n_black = 0
     clock = _EncodeClock(dev)
@@ -180,10 +193,7 @@ def tokenize_volume(
     with torch.inference_mode():
         for _name, axis in AXES:
             slices = volume.movedim(axis, 0)  # (H, row, col)
-            black = ~(slices != 0).flatten(1).any(dim=1)
-            if not reuse_black_slices:
-                black = torch.zeros_like(black)
-            black_cpu = black.cpu().numpy()
+            black_cpu = black[axis]
             out = torch.empty((n_layers, g, g, g, projection_dim), dtype=torch.float32, device=dev)
             for g0 in range(0, g, groups_per_chunk):
                 g1 = min(g, g0 + groups_per_chunk)

@@ -137,15 +137,23 @@ def _read_image(path: Path) -> nib.spatialimages.SpatialImage:
 
 
 def _inflate(path: Path) -> bytes:
-    import gzip
+    """The inflated bytes of a gzip file, with ISA-L (``isal.igzip``: about 2x zlib's speed, same
+    checks of length and CRC-32) when it is installed, else the standard library's ``gzip``."""
     import zlib
 
+    try:
+        from isal import igzip as gzip
+        from isal.isal_zlib import error as isal_error
+    except ImportError:  # a platform without ISA-L wheels
+        import gzip
+
+        isal_error = zlib.error
     data = path.read_bytes()
     if data[:2] != b"\x1f\x8b":
         raise _unreadable(ValueError("not a gzip stream (it does not start with the gzip magic bytes)"), path)
     try:
         return gzip.decompress(data)
-    except (OSError, EOFError, zlib.error) as exc:  # BadGzipFile is an OSError
+    except (OSError, EOFError, zlib.error, isal_error) as exc:  # BadGzipFile is an OSError
         raise _corrupt(exc, path) from exc
 
 
@@ -316,7 +324,8 @@ def map_mask_to_image(mask_path: PathLike, image: nib.Nifti1Image, *, brain: boo
 def background_fraction(mask: np.ndarray, data: np.ndarray) -> float:
     """Fraction of ``mask`` on background voxels of ``data`` (at most :data:`BACKGROUND_LEVEL`
     of its 99th percentile, estimated on every 2nd voxel per axis)."""
-    level = BACKGROUND_LEVEL * float(np.percentile(np.abs(data[::2, ::2, ::2]), 99))
+    # sorted first: the same percentile (order does not matter), faster than selecting unsorted
+    level = BACKGROUND_LEVEL * float(np.percentile(np.sort(np.abs(data[::2, ::2, ::2]), axis=None), 99))
     inside = data[mask]
     return float(np.mean(np.abs(inside) <= level)) if inside.size else 0.0
 

@@ -36,12 +36,19 @@ PERCENTILES: tuple[int, ...] = (1, 10, 20, 30, 40, 50, 60, 70, 80, 90, 99)
 
 
 def image_landmarks(values: np.ndarray, percentiles: Sequence[float] = PERCENTILES) -> np.ndarray:
-    """Percentiles (float64) of an image's brain intensities (a 1D array of brain voxels)."""
-    values = np.asarray(values, dtype=np.float64).ravel()
+    """Percentiles (float64) of an image's brain intensities (a 1D array of brain voxels).
+
+    Exactly ``numpy.percentile`` of the values as float64. They are sorted first, in their own
+    dtype: the percentiles of a multiset do not depend on its order, numpy's vectorised sort of
+    float32 is several times faster than the selection ``percentile`` runs on unsorted float64, and
+    that selection is fast on sorted input (0.2 s -> 0.05 s for the 4.5 M voxels of a 224 cube).
+    """
+    values = np.sort(np.asarray(values).ravel())
     if values.size == 0:
         raise InputDataError("no brain voxels to compute intensity landmarks from",
                              fix="check the brain mask")
-    return np.percentile(values, list(percentiles))
+    # ``values`` is our own sorted copy: numpy may partition it in place
+    return np.percentile(values.astype(np.float64, copy=False), list(percentiles), overwrite_input=True)
 
 
 def _check_percentiles(percentiles: Sequence[float]) -> np.ndarray:
@@ -129,4 +136,5 @@ def standardise_values(brain_values: np.ndarray, landmarks: np.ndarray, percenti
         raise ValueError(f"own landmarks must be {p.size} values, got {own.tolist()}")
     check_landmarks(own, source or "the image", source)
     xp, fp = _merge_ties(own, mu)
-    return np.clip(np.interp(brain, xp, fp), 0.0, 1.0)
+    mapped = np.interp(brain, xp, fp)
+    return np.clip(mapped, 0.0, 1.0, out=mapped)
