@@ -1,8 +1,6 @@
 """``python -m cg3d_bids`` runs the ``cg3d`` command."""
 
-import sys
-
-from .cli.main import main
+from .cli.main import console
 
 if __name__ == "__main__":
-    sys.exit(main())
+    console()

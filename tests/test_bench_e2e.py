@@ -281,6 +281,9 @@ def test_report_with_timings_and_h200_targets(tmp_path):
     assert _cells(text, "GPU busy %")[1:4] == ["90.00", ">= 80", "PASS"]
     assert _cells(text, "peak VRAM GB")[1:4] == [f"{(4000 + 200) * 2**20 / 1e9:.2f}", "< 10", "PASS"]
     assert "Outside the stages (start-up, imports, exit): 1.0 s wall, 8.5 core-s" in text
+    # 190 core-s minus encode 58 and score 9 = 123; the stages (not encode, not total) sum to 181.5
+    assert "Everything except encode and score: 123.0 core-s, **12.30 per volume**" in text
+    assert "Of it, 8.5 core-s (0.85 per volume) are in no stage" in text
 
 
 # ------------------------------------------------------------------------------------------------

@@ -61,6 +61,24 @@ def test_nipype_does_not_call_home(monkeypatch):
     assert calls == []
 
 
+def test_console_exits_with_mains_status_and_freezes_the_collector(monkeypatch):
+    """The ``cg3d`` program (``console``) exits with ``main``'s status, the collector frozen so that
+    the interpreter's teardown does not walk every imported object."""
+    import gc
+
+    from cg3d_bids.cli import main as cli_main
+
+    monkeypatch.setattr(cli_main, "main", lambda: 3)
+    gc.unfreeze()
+    try:
+        with pytest.raises(SystemExit) as exc:
+            cli_main.console()
+        assert exc.value.code == 3
+        assert gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()
+
+
 def test_unknown_level_exits_17(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         parse_args([str(_bids(tmp_path)), str(tmp_path / "out"), "session"])
