@@ -79,6 +79,26 @@ def test_console_exits_with_mains_status_and_freezes_the_collector(monkeypatch):
         gc.unfreeze()
 
 
+def test_collector_paused_restores_the_collectors_state():
+    import gc
+
+    from cg3d_bids.cli.run import collector_paused
+
+    assert gc.isenabled()
+    with pytest.raises(RuntimeError):
+        with collector_paused():
+            assert not gc.isenabled()
+            raise RuntimeError("an import failed")
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        with collector_paused():
+            pass
+        assert not gc.isenabled()   # was off before: stays off
+    finally:
+        gc.enable()
+
+
 def test_unknown_level_exits_17(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         parse_args([str(_bids(tmp_path)), str(tmp_path / "out"), "session"])

@@ -99,34 +99,35 @@ def _linear_separable(data: np.ndarray, vox2vox: np.ndarray, where: np.ndarray) 
     """Trilinear values (mode ``constant``, 0 outside) of an axis-aligned ``vox2vox`` at the output
     voxels of ``where``, slab by slab along the first axis. Each value is scipy's: the 8 corners in
     C order (last axis fastest), each ``float64(value) * wx * wy * wz`` added to a float64 sum from
-    0, stored in ``data``'s dtype."""
+    0, stored in ``data``'s dtype.
+
+    Each slab is computed on the box of its ``where`` voxels, as whole rows and columns gathered
+    along one axis at a time (``take``), which is faster than gathering voxel by voxel although the
+    box also holds voxels outside ``where`` (computed, then dropped)."""
     axes = _axis_coordinates(vox2vox, (0, 0, 0), where.shape)
     (in_x, xs, wxs), (in_y, ys, wys), (in_z, zs, wzs) = (
         _linear_taps(c, n) for c, n in zip(axes, data.shape))
     where = np.ascontiguousarray(where)  # slabs along the first axis are read one at a time
     out = np.zeros(where.shape, dtype=data.dtype)
-    planes = data.reshape(data.shape[0], -1)
-    nz = data.shape[2]
-    for i in np.flatnonzero(in_x & where.any(axis=(1, 2))):
-        jj, kk = np.nonzero(where[i])
-        inside = in_y[jj] & in_z[kk]
-        if not inside.all():
-            jj, kk = jj[inside], kk[inside]
-        if jj.size == 0:
-            continue
-        y_weights, z_weights = [w[jj] for w in wys], [w[kk] for w in wzs]
-        corners = [(t_y[jj] * nz + t_z[kk], w_y, w_z)  # flat in-plane index of each (y, z) corner
-                   for t_y, w_y in zip(ys, y_weights) for t_z, w_z in zip(zs, z_weights)]
-        total = np.zeros(jj.size, dtype=np.float64)
-        coeff = np.empty(jj.size, dtype=np.float64)
+    rows_any, cols_any = where.any(axis=2) & in_y, where.any(axis=1) & in_z
+    for i in np.flatnonzero(in_x & rows_any.any(axis=1) & cols_any.any(axis=1)):
+        rows, cols = np.flatnonzero(rows_any[i]), np.flatnonzero(cols_any[i])
+        y, z = slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1)
+        y_weights = [w[y, None] for w in wys]
+        z_taps, z_weights = [t[z] for t in zs], [w[None, z] for w in wzs]
+        total = np.zeros((y.stop - y.start, z.stop - z.start), dtype=np.float64)
+        coeff = np.empty_like(total)
         for x_tap, x_weight in zip(xs, wxs):
-            plane, wx = planes[x_tap[i]], x_weight[i]
-            for flat, wy, wz in corners:
-                np.multiply(plane.take(flat), wx, out=coeff, dtype=np.float64)
-                coeff *= wy
-                coeff *= wz
-                total += coeff
-        out[i, jj, kk] = total
+            plane, wx = data[x_tap[i]], x_weight[i]
+            for y_tap, wy in zip(ys, y_weights):
+                rows_of_plane = plane.take(y_tap[y], axis=0)
+                for z_tap, wz in zip(z_taps, z_weights):
+                    np.multiply(rows_of_plane.take(z_tap, axis=1), wx, out=coeff, dtype=np.float64)
+                    coeff *= wy
+                    coeff *= wz
+                    total += coeff
+        keep = where[i, y, z] & in_y[y, None] & in_z[None, z]
+        out[i, y, z][keep] = total[keep]
     return out
 
 
