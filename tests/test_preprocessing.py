@@ -115,6 +115,23 @@ def test_truncated_uncompressed(tmp_path):
     _assert_input_error(path, "truncated|cannot read")
 
 
+def test_image_pair_contiguous_or_not_holds_the_same_voxels(tmp_path):
+    """``contiguous=False`` (the outputs stage) skips the C-ordered copy, never a value."""
+    rng = np.random.default_rng(5)
+    data = rng.integers(-50, 400, (9, 7, 5)).astype(np.int16)
+    lps = np.diag([-1.2, -1.0, 1.5, 1.0])                  # stored LPS: reoriented to RAS
+    for affine in (np.eye(4), lps):
+        path = save(tmp_path, "img.nii.gz", data, affine)
+        native, canonical = load_image_pair(path)
+        native_f, canonical_f = load_image_pair(path, contiguous=False)
+        assert canonical.dataobj.flags.c_contiguous and canonical.dataobj.dtype == np.float32
+        assert canonical_f.dataobj.dtype == np.float32
+        assert np.array_equal(canonical.dataobj, canonical_f.dataobj)
+        assert np.array_equal(native.dataobj, native_f.dataobj)
+        assert np.array_equal(canonical.affine, canonical_f.affine)
+        assert np.array_equal(np.asarray(native.dataobj), data.astype(np.float32))
+
+
 def test_4d_refused_trailing_singleton_squeezed(tmp_path):
     _assert_input_error(save(tmp_path, "bold.nii.gz", np.ones((6, 6, 6, 3), np.float32)), "3D")
     image = load_image(save(tmp_path, "one.nii.gz", np.ones((6, 7, 8, 1), np.float32)))

@@ -24,12 +24,13 @@ class LoadedImage:
     mask: np.ndarray
 
 
-def load_inputs(ctx: StageContext, image: ImageRecord, *, warn: bool = False) -> LoadedImage:
+def load_inputs(ctx: StageContext, image: ImageRecord, *, warn: bool = False, contiguous: bool = True) -> LoadedImage:
     """Read and check ``image`` and its brain mask from the configured mask source; ``warn``: log
-    what is suspicious about the mask's geometry (the ``prepare`` stage, once per image)."""
+    what is suspicious about the mask's geometry (the ``prepare`` stage, once per image);
+    ``contiguous=False``: the canonical array need not be C-ordered (no resampling of it follows)."""
     from ..core.preprocessing import load_image_pair, load_mask_for_image, nonzero_mask
 
-    native, canonical = load_image_pair(image.path)
+    native, canonical = load_image_pair(image.path, contiguous=contiguous)
     source = ctx.settings.inputs.mask_source
     if source == "derivatives":
         if image.mask_path is None:

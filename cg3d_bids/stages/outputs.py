@@ -58,7 +58,7 @@ def _write(ctx: StageContext, prepared: PreparedImage, scores: BatchScores) -> I
 
     method, image = ctx.settings.method, prepared.image
     row = scores.index(image.bids_name)
-    loaded = load_inputs(ctx, image)
+    loaded = load_inputs(ctx, image, contiguous=False)  # maps are resampled from the cube, not the image
     brain = from_canonical(loaded.mask, loaded.native).astype(bool)
     token_scores = np.where(scores.valid[row], scores.scores[row], 0.0)
     raw = scores_to_native(token_scores, scores.grid, prepared.cube_mask(), prepared.cube_affine,

@@ -90,10 +90,13 @@ def load_native(path: PathLike) -> nib.Nifti1Image:
     return _float32_image(data, raw, path)
 
 
-def to_canonical(image: nib.Nifti1Image) -> nib.Nifti1Image:
-    """``image`` reoriented to RAS+ (closest canonical), C-contiguous float32, source kept."""
+def to_canonical(image: nib.Nifti1Image, *, contiguous: bool = True) -> nib.Nifti1Image:
+    """``image`` reoriented to RAS+ (closest canonical), float32, source kept; C-contiguous (one
+    copy) unless ``contiguous=False`` (then a view of ``image``'s array where possible: for
+    callers that read the voxels but do not resample them)."""
     canonical = nib.as_closest_canonical(image)
-    data = np.ascontiguousarray(np.asanyarray(canonical.dataobj), dtype=np.float32)
+    data = np.asanyarray(canonical.dataobj)
+    data = np.ascontiguousarray(data, dtype=np.float32) if contiguous else np.asarray(data, dtype=np.float32)
     out = nib.Nifti1Image(data, canonical.affine, header=canonical.header)
     out.header.set_data_dtype(np.float32)
     out.extra[SOURCE_KEY] = source_name(image)
@@ -118,10 +121,11 @@ def from_canonical(data: np.ndarray, native: nib.spatialimages.SpatialImage) -> 
     return nib.orientations.apply_orientation(np.asarray(data), nib.orientations.ornt_transform(ras, native_ornt))
 
 
-def load_image_pair(path: PathLike) -> tuple[nib.Nifti1Image, nib.Nifti1Image]:
-    """``(native, canonical)`` images from one read of ``path``."""
+def load_image_pair(path: PathLike, *, contiguous: bool = True) -> tuple[nib.Nifti1Image, nib.Nifti1Image]:
+    """``(native, canonical)`` images from one read of ``path`` (``contiguous``: see
+    :func:`to_canonical`)."""
     native = load_native(path)
-    return native, to_canonical(native)
+    return native, to_canonical(native, contiguous=contiguous)
 
 
 def _read_image(path: Path) -> nib.spatialimages.SpatialImage:
@@ -222,7 +226,8 @@ def _float32_image(data: np.ndarray, raw: nib.spatialimages.SpatialImage, path: 
             fix="repair the header (qform/sform), e.g. with `fslorient` or nibabel",
         )
     header = raw.header if isinstance(raw, nib.Nifti1Image) else None
-    image = nib.Nifti1Image(np.ascontiguousarray(data, dtype=np.float32), affine, header=header)
+    # the file's voxel order is kept (no copy): :func:`to_canonical` makes the one C-ordered copy
+    image = nib.Nifti1Image(np.asarray(data, dtype=np.float32), affine, header=header)
     image.header.set_data_dtype(np.float32)
     if header is None:
         image.header.set_xyzt_units("mm")
