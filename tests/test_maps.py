@@ -163,3 +163,15 @@ def test_connected_components_match_labelling_the_whole_volume():
         assert values[comp.peak_voxel] == comp.peak == values[inside].max() and inside[comp.peak_voxel]
         assert comp.peak_mm == pytest.approx(affine[:3, :3] @ np.array(comp.peak_voxel) + affine[:3, 3])
     assert connected_components(np.zeros((4, 4, 4), bool), values[:4, :4, :4], 1.0) == (0, [])
+
+
+def test_bounding_box_of_masks_in_2d_3d_and_4d():
+    from cg3d_bids.core.boxes import bounding_box
+
+    for shape, where in [((5, 6), (slice(1, 3), slice(2, 6))), ((4, 5, 6), (slice(0, 1), slice(2, 4), slice(3, 5))),
+                         ((3, 4, 5, 2), (slice(1, 3), slice(0, 2), slice(4, 5), slice(1, 2)))]:
+        mask = np.zeros(shape, bool)
+        mask[where] = True
+        mask[tuple(s.start for s in where)] = True
+        assert bounding_box(mask) == where
+        assert bounding_box(np.zeros(shape, bool)) is None

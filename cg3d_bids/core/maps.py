@@ -20,6 +20,8 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
+from .boxes import bounding_box
+
 __all__ = [
     "Component", "SubjectSummary", "average_layers", "connected_components", "probseg_transform",
     "robust_stats", "scores_to_native", "subject_summary", "token_map_to_cube",
@@ -131,12 +133,10 @@ def connected_components(
     world mm through ``affine``, None without it)."""
     binary = np.asarray(binary, dtype=bool)
     values = np.asarray(values)
-    spans = [np.flatnonzero(binary.any(axis=tuple(a for a in range(binary.ndim) if a != axis)))
-             for axis in range(binary.ndim)]
-    if any(span.size == 0 for span in spans):
+    crop = bounding_box(binary)
+    if crop is None:
         return 0, []
     # labelled within the region's bounding box: the same labels (raster order) for less work
-    crop = tuple(slice(int(span[0]), int(span[-1]) + 1) for span in spans)
     origin = np.array([sl.start for sl in crop])
     binary, values = binary[crop], values[crop]
     labels, count = ndimage.label(binary, structure=np.ones((3,) * binary.ndim, dtype=bool))

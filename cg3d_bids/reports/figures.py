@@ -48,6 +48,7 @@ from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 
 from ..atomic import atomic_path  # noqa: E402
+from ..core.boxes import bounding_box  # noqa: E402
 
 #: Colours shared with the HTML legend (see the templates' CSS).
 OVERLAY_CMAP = "hot"
@@ -107,12 +108,7 @@ class Volume:
     @functools.cached_property
     def bbox(self) -> tuple[slice, slice, slice] | None:
         """Voxel box of the voxels > 0 (None when there are none)."""
-        xy = self.nonzero.any(axis=2)            # two passes over the volume instead of three
-        spans = [np.flatnonzero(xy.any(axis=1)), np.flatnonzero(xy.any(axis=0)),
-                 np.flatnonzero(self.nonzero.any(axis=(0, 1)))]
-        if any(span.size == 0 for span in spans):
-            return None
-        return tuple(slice(int(span[0]), int(span[-1]) + 1) for span in spans)  # type: ignore[return-value]
+        return bounding_box(self.nonzero)  # type: ignore[return-value]
 
     @functools.cached_property
     def any(self) -> bool:

@@ -21,6 +21,7 @@ import nibabel as nib
 import numpy as np
 
 from ...errors import InputDataError
+from ..boxes import bounding_box
 from .io import source_name
 from .resample import axis_aligned, resample, resample_mask, resample_where, voxel_to_world
 
@@ -46,21 +47,14 @@ def brain_bbox_center(mask: np.ndarray, affine: np.ndarray, *, ijk: np.ndarray |
     """Centre (world mm) of the world-axis-aligned bounding box of the mask's voxel centres
     (``ijk``: ``np.argwhere(mask)`` when the caller has it already)."""
     if axis_aligned(affine):  # world x, y, z follow voxel i, j, k: the extremes are the index extremes
-        spans = _index_spans(mask)
-        ends = np.array([[spans[h][0] for h in range(3)], [spans[h][1] for h in range(3)]], dtype=np.float64)
+        box = bounding_box(mask)
+        if box is None:
+            raise ValueError("the mask is empty: it has no bounding box")
+        ends = np.array([[b.start for b in box], [b.stop - 1 for b in box]], dtype=np.float64)
         world = voxel_to_world(ends, affine)
     else:
         world = voxel_to_world(np.argwhere(mask) if ijk is None else ijk, affine)
     return (world.min(axis=0) + world.max(axis=0)) / 2.0
-
-
-def _index_spans(mask: np.ndarray) -> list[tuple[int, int]]:
-    """First and last index of the mask along each axis."""
-    spans = []
-    for axis in range(3):
-        hits = np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != axis)))
-        spans.append((int(hits[0]), int(hits[-1])))
-    return spans
 
 
 def cube_affine(center: np.ndarray, size: int, fov_mm: float) -> np.ndarray:

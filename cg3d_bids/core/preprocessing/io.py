@@ -329,8 +329,9 @@ def map_mask_to_image(mask_path: PathLike, image: nib.Nifti1Image, *, brain: boo
 def background_fraction(mask: np.ndarray, data: np.ndarray) -> float:
     """Fraction of ``mask`` on background voxels of ``data`` (at most :data:`BACKGROUND_LEVEL`
     of its 99th percentile, estimated on every 2nd voxel per axis)."""
-    # sorted first: the same percentile (order does not matter), faster than selecting unsorted
-    level = BACKGROUND_LEVEL * float(np.percentile(np.sort(np.abs(data[::2, ::2, ::2]), axis=None), 99))
+    # sorted first (our own copy, partitioned in place): the same percentile, faster than unsorted
+    level = BACKGROUND_LEVEL * float(np.percentile(np.sort(np.abs(data[::2, ::2, ::2]), axis=None), 99,
+                                                   overwrite_input=True))
     inside = data[mask]
     return float(np.mean(np.abs(inside) <= level)) if inside.size else 0.0
 

@@ -17,6 +17,8 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
+from ..boxes import bounding_box
+
 __all__ = ["axis_aligned", "resample", "resample_mask", "resample_where", "voxel_to_world"]
 
 
@@ -146,11 +148,12 @@ def _mask_box(mask_shape: tuple[int, ...], lo: np.ndarray, hi: np.ndarray, vox2v
 def resample_mask(mask: np.ndarray, vox2vox: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     """Nearest-neighbour :func:`resample` of a bool mask, computed only in the box of output voxels
     that can reach the mask (bit for bit the same result)."""
-    spans = [np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != axis))) for axis in range(3)]
     out = np.zeros(shape, dtype=bool)
-    if any(span.size == 0 for span in spans):
+    extent = bounding_box(mask)
+    if extent is None:
         return out
-    box = _mask_box(mask.shape, np.array([s[0] for s in spans]), np.array([s[-1] for s in spans]), vox2vox, shape)
+    box = _mask_box(mask.shape, np.array([s.start for s in extent]), np.array([s.stop - 1 for s in extent]),
+                    vox2vox, shape)
     if axis_aligned(vox2vox):
         out[box] = _nearest_separable(mask, vox2vox, box)
         return out
