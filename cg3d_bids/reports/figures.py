@@ -59,6 +59,9 @@ FLAGGED_COLOUR = "#d62728"
 NORMAL_COLOUR = "#4c72b0"
 FIG_DPI = 120                 #: resolution of the rasterised layers inside the SVGs
 OVERLAY_ALPHA = 0.65          #: opacity of the anomaly map over the image
+#: zlib level of the embedded palette PNGs: measured on a 1 mm mosaic layer (1115 x 453 px), level 3
+#: takes 5 ms and 83 kB, level 6 15 ms and 77 kB (+7 % size for a third of the time).
+PNG_COMPRESS_LEVEL = 3
 #: Display convention: the subject's left is on the left of coronal and axial slices.
 CONVENTION = "neurological"
 
@@ -692,7 +695,7 @@ def _palette_png(rgba: np.ndarray, colours: int = 256) -> bytes:
     img = Image.fromarray(np.ascontiguousarray(rgba[..., :3] if opaque else rgba), mode="RGB" if opaque else "RGBA")
     quant = img.quantize(colors=colours, method=Image.Quantize.FASTOCTREE, dither=Image.Dither.NONE)
     out = io.BytesIO()
-    quant.save(out, format="PNG", compress_level=6)
+    quant.save(out, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
     return out.getvalue()
 
 

@@ -59,7 +59,10 @@ def _write(ctx: StageContext, prepared: PreparedImage, scores: BatchScores) -> I
     method, image = ctx.settings.method, prepared.image
     row = scores.index(image.bids_name)
     loaded = load_inputs(ctx, image, contiguous=False)  # maps are resampled from the cube, not the image
-    brain = from_canonical(loaded.mask, loaded.native).astype(bool)
+    # The mask in the file's voxel order (written as is), and one C-ordered copy for the maps: the
+    # maps are C-ordered, and masked reads and writes across two memory orders are ~8x slower.
+    brain_file = from_canonical(loaded.mask, loaded.native)
+    brain = np.ascontiguousarray(brain_file, dtype=bool)
     token_scores = np.where(scores.valid[row], scores.scores[row], 0.0)
     raw = scores_to_native(token_scores, scores.grid, prepared.cube_mask(), prepared.cube_affine,
                            loaded.native, brain)
@@ -72,7 +75,7 @@ def _write(ctx: StageContext, prepared: PreparedImage, scores: BatchScores) -> I
     header.set_xyzt_units("mm")
     _write_map(paths["probseg"], probseg, loaded.native, header, np.float32)
     _write_map(paths["anomaly_mask"], anomaly.astype(np.uint8), loaded.native, header, np.uint8)
-    _write_map(paths["brain_mask"], brain.astype(np.uint8), loaded.native, header, np.uint8)
+    _write_map(paths["brain_mask"], brain_file.astype(np.uint8), loaded.native, header, np.uint8)
     provenance = ctx.settings.provenance()
     transform = {
         "ScoreTransform": "logistic((raw - BatchMedian) / BatchScale - ZCenter)",

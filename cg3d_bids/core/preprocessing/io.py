@@ -265,10 +265,12 @@ class MappedMask:
 def load_mask_for_image(mask_path: PathLike, image: nib.Nifti1Image, *, warn: bool = True) -> np.ndarray:
     """Brain mask of ``mask_path`` as a bool array on ``image``'s (canonical) grid.
 
-    See :func:`map_mask_to_image`, which also says whether the mask was resampled. ``warn``: log
-    :meth:`MappedMask.warning` (once per image: the stage that first checks it).
+    See :func:`map_mask_to_image`, which also says whether the mask was resampled. ``warn``: the
+    stage that first reads the pair (once per image) logs :meth:`MappedMask.warning` and checks the
+    mapped mask against the image's values; later stages read a pair that passed (``warn=False``
+    skips those checks, not the file and field-of-view ones).
     """
-    mapped = map_mask_to_image(mask_path, image, background=warn)
+    mapped = map_mask_to_image(mask_path, image, background=warn, check=warn)
     message = mapped.warning(source_name(image)) if warn else None
     if message:
         LOGGER.warning("%s", message)
@@ -276,7 +278,7 @@ def load_mask_for_image(mask_path: PathLike, image: nib.Nifti1Image, *, warn: bo
 
 
 def map_mask_to_image(mask_path: PathLike, image: nib.Nifti1Image, *, brain: bool = True,
-                      background: bool = True) -> MappedMask:
+                      background: bool = True, check: bool = True) -> MappedMask:
     """Put a brain mask on ``image``'s grid (same grid: as is; else nearest neighbour in world space).
 
     Mask values: ``> 0`` for integer files, ``>= 0.5`` for float files (probabilistic masks).
@@ -285,7 +287,9 @@ def map_mask_to_image(mask_path: PathLike, image: nib.Nifti1Image, *, brain: boo
     once mapped, lies mostly (> 50 %) on zero-valued image voxels (misaligned), or when the image
     is all zero inside it. ``brain=False`` (e.g. lesion masks) keeps only the unreadable/not-3D and
     field-of-view checks, and allows an empty mask. ``background=False`` skips measuring
-    :attr:`MappedMask.background_fraction` (only its warning uses it; left 0).
+    :attr:`MappedMask.background_fraction` (only its warning uses it; left 0). ``check=False``
+    skips the checks against the image's values (empty or tiny once mapped, all zero inside, on
+    zero-valued voxels): for a pair that passed them already.
     """
     mask_path = Path(mask_path)
     if not mask_path.is_file():
@@ -319,7 +323,11 @@ def map_mask_to_image(mask_path: PathLike, image: nib.Nifti1Image, *, brain: boo
     fraction = 0.0
     if brain:
         data = np.asanyarray(image.dataobj)
-        _check_mapped_mask(mapped, data, mask_path, pair)
+        if data.flags.c_contiguous and not mapped.flags.c_contiguous:
+            # the image's memory order: masked reads across two orders are ~8x slower
+            mapped = np.ascontiguousarray(mapped)
+        if check:
+            _check_mapped_mask(mapped, data, mask_path, pair)
         if background:
             fraction = background_fraction(mapped, data)
     return MappedMask(mask=mapped, resampled=not same_grid, inside_fov_fraction=float(inside),
