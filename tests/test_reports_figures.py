@@ -217,13 +217,18 @@ def test_neurological_orientation_in_the_pixels(tmp_path, codes):
 
 
 @pytest.mark.slow
-def test_reports_do_not_import_nilearn(tmp_path):
+def test_reports_do_not_import_nilearn_or_pyplot(tmp_path):
+    """Figures are drawn on ``Figure`` objects: no nilearn, and no pyplot (its global figure
+    registry and import cost, ~0.1 s per run, are of no use to a headless app)."""
     code = (
         "import sys, numpy as np, nibabel as nib\n"
         "from cg3d_bids.reports import figures, write_subject_report, write_group_report\n"
         "img = nib.Nifti1Image(np.random.default_rng(0).random((20, 20, 20)).astype('float32'), np.eye(4))\n"
         f"figures.plot_anomaly_mosaic(img, img, {str(tmp_path / 'x.svg')!r}, brain_mask=img)\n"
+        f"figures.plot_anomaly_mosaic(img, img, {str(tmp_path / 'x.png')!r}, brain_mask=img)\n"
+        "figures.plot_score_distribution(['a', 'b'], [0.1, 0.9], [False, True], threshold=0.5)\n"
         "assert 'nilearn' not in sys.modules, 'nilearn was imported'\n"
+        "assert 'matplotlib.pyplot' not in sys.modules, 'pyplot was imported'\n"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -429,10 +429,8 @@ def _preload() -> None:
     """Import the stages' heavy modules (torch, timm, scipy, matplotlib) before nipype forks its
     workers: each worker would otherwise import them again (seconds of CPU per worker)."""
     with collector_paused():
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot  # noqa: F401
+        import matplotlib.backends.backend_agg  # noqa: F401  (the figures' raster layers and PNGs)
+        import matplotlib.backends.backend_svg  # noqa: F401  (the figures' SVGs)
         import scipy.ndimage  # noqa: F401
         import timm.models.vision_transformer  # noqa: F401
         import torch  # noqa: F401

@@ -1,4 +1,4 @@
-"""Report figures, drawn from arrays with matplotlib (headless Agg backend; no nilearn).
+"""Report figures, drawn from arrays with matplotlib (headless: ``Figure`` objects, no pyplot; no nilearn).
 
 Inputs are file paths, in-memory nibabel images (e.g. ``Nifti1Image(array, affine)``, so a caller
 can pass the arrays it already holds) or :class:`Volume` objects; each is read once. The mosaics
@@ -37,18 +37,16 @@ from pathlib import Path
 from typing import Union
 
 import matplotlib
+import nibabel as nib
+import numpy as np
+from matplotlib.axes import Axes
+from matplotlib.collections import LineCollection
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.patches import Rectangle
 
-matplotlib.use("Agg")  # headless, also inside nipype worker processes
-
-import matplotlib.pyplot as plt  # noqa: E402
-import nibabel as nib  # noqa: E402
-import numpy as np  # noqa: E402
-from matplotlib.collections import LineCollection  # noqa: E402
-from matplotlib.lines import Line2D  # noqa: E402
-from matplotlib.patches import Rectangle  # noqa: E402
-
-from ..atomic import atomic_path  # noqa: E402
-from ..core.boxes import bounding_box  # noqa: E402
+from ..atomic import atomic_path
+from ..core.boxes import bounding_box
 
 #: Colours shared with the HTML legend (see the templates' CSS).
 OVERLAY_CMAP = "hot"
@@ -545,7 +543,7 @@ def _contour_lines(row: _Row, strip: np.ndarray, level: float = 0.5) -> list[np.
     return [line for line in gen.lines(level) if len(line) > 1]
 
 
-def _draw_row(ax: plt.Axes, data: MosaicData, row: _Row, gap: int, floor: float) -> None:
+def _draw_row(ax: Axes, data: MosaicData, row: _Row, gap: int, floor: float) -> None:
     """One row in the figure-inch axes: the slices as one image, mask contours, peak ring, labels."""
     planes, nu = data.planes[row.mode], data.grid.shape[row.u_axis]
     rgb = _row_rgb(planes, data.grey_max, floor, gap)
@@ -580,7 +578,7 @@ def draw_mosaic(data: MosaicData, out_path: str | Path, *, floor: float = 0.2, t
     """
     has_map = "probseg" in data.planes["x"]
     lay = _layout(data, row_height=row_height, colorbar=has_map)
-    fig = plt.figure(figsize=(lay.width, lay.height), facecolor="black")
+    fig = Figure(figsize=(lay.width, lay.height), facecolor="black")
     ax = fig.add_axes((0, 0, 1, 1))
     ax.set_axis_off()
     for row in lay.rows:
@@ -606,7 +604,7 @@ def draw_mosaic(data: MosaicData, out_path: str | Path, *, floor: float = 0.2, t
     return _save(fig, Path(out_path), dpi)
 
 
-def _raster_artists(fig: plt.Figure) -> list[matplotlib.artist.Artist]:
+def _raster_artists(fig: Figure) -> list[matplotlib.artist.Artist]:
     """The image-like layers (images, contours) of the figure, in drawing order; the colour bar's
     gradient (``gid`` ``cg3d-colorbar``) is left to the SVG backend."""
     layers = [a for ax in fig.axes for a in (*ax.images, *ax.collections)
@@ -614,25 +612,22 @@ def _raster_artists(fig: plt.Figure) -> list[matplotlib.artist.Artist]:
     return sorted(layers, key=lambda a: a.get_zorder())
 
 
-def _save(fig: plt.Figure, out_path: Path, dpi: int = FIG_DPI) -> Path:
+def _save(fig: Figure, out_path: Path, dpi: int = FIG_DPI) -> Path:
     """Save atomically: SVG via :func:`_svg_bytes`, PNG as a 256-colour palette PNG."""
     out_path = Path(out_path)
     fmt = out_path.suffix.lstrip(".").lower() or "svg"
-    try:
-        if fmt == "svg":
-            data = _svg_bytes(fig, dpi)
-        else:
-            buf = io.BytesIO()
-            fig.savefig(buf, format=fmt, dpi=dpi, facecolor=fig.get_facecolor())
-            data = shrink_png(buf.getvalue()) if fmt == "png" else buf.getvalue()
-    finally:
-        plt.close(fig)
+    if fmt == "svg":
+        data = _svg_bytes(fig, dpi)
+    else:
+        buf = io.BytesIO()
+        fig.savefig(buf, format=fmt, dpi=dpi, facecolor=fig.get_facecolor())
+        data = shrink_png(buf.getvalue()) if fmt == "png" else buf.getvalue()
     with atomic_path(out_path) as tmp:
         tmp.write_bytes(data)
     return out_path
 
 
-def _svg_bytes(fig: plt.Figure, dpi: int) -> bytes:
+def _svg_bytes(fig: Figure, dpi: int) -> bytes:
     """SVG with one raster layer: the image-like artists are drawn once with Agg at ``dpi`` and
     embedded as a single palette PNG under the vector layer (text, lines, patches) that the SVG
     backend writes. Same bytes for the same figure (no date, fixed hash salt). The figure is
@@ -652,7 +647,7 @@ def _svg_bytes(fig: plt.Figure, dpi: int) -> bytes:
     return svg.encode("utf-8")
 
 
-def _raster_layer(fig: plt.Figure, artists: list[matplotlib.artist.Artist], dpi: int) -> str | None:
+def _raster_layer(fig: Figure, artists: list[matplotlib.artist.Artist], dpi: int) -> str | None:
     """``<image>`` element of ``artists`` drawn with Agg (transparent elsewhere, cropped), or None."""
     import base64
 
@@ -716,7 +711,7 @@ def shrink_png(png: bytes, colours: int = 256) -> bytes:
     return small if len(small) < len(png) else png
 
 
-def _overlay_colorbar(ax: plt.Axes, box: tuple[float, float, float, float], floor: float,
+def _overlay_colorbar(ax: Axes, box: tuple[float, float, float, float], floor: float,
                       threshold: float | None) -> None:
     """The probseg colour bar in the figure-inch axes ``ax``: ``box`` = (left, bottom, width, height).
 
@@ -745,7 +740,7 @@ def _overlay_colorbar(ax: plt.Axes, box: tuple[float, float, float, float], floo
             rotation=90, ha="center", va="center")
 
 
-def _legend(fig: plt.Figure, handles: list[Line2D], y: float) -> None:
+def _legend(fig: Figure, handles: list[Line2D], y: float) -> None:
     leg = fig.legend(handles=handles, loc="lower left", bbox_to_anchor=(0.005, y), ncol=len(handles),
                      frameon=False, fontsize=7, handlelength=1.6, columnspacing=1.2)
     for text in leg.get_texts():
@@ -837,7 +832,8 @@ def plot_score_distribution(
     flags = [bool(f) for f, k in zip(flagged, keep) if k]
     scores = scores[keep]
     lo, hi = _x_range(scores, threshold)
-    fig, ax = plt.subplots(figsize=(9.0, 2.3))
+    fig = Figure(figsize=(9.0, 2.3))
+    ax = fig.subplots()
     offsets = swarm_offsets(scores, bin_width=(hi - lo) / 70.0)
     ymax = max(3.0, float(np.abs(offsets).max()) + 1.0) if len(offsets) else 3.0
     for i, (s, f, dy) in enumerate(zip(scores, flags, offsets)):
@@ -872,7 +868,6 @@ def plot_score_distribution(
     buf = io.StringIO()
     with matplotlib.rc_context({"svg.fonttype": "none", "svg.hashsalt": "cg3d"}):
         fig.savefig(buf, format="svg", metadata={"Date": None})
-    plt.close(fig)
     svg = _svg_add_titles(buf.getvalue(), [f"{n}: {s:.3f}" for n, s in zip(names, scores)])
     if out_path is not None:
         with atomic_path(out_path) as tmp:
