@@ -25,6 +25,7 @@ mean (deterministic, also on CUDA). Pooling and projection run on the device.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -60,20 +61,22 @@ class TokenSet:
 
 
 class _EncodeClock:
-    """Wall and process-CPU time spent in the encoder's forward passes (CUDA synchronised)."""
+    """Wall and CPU time spent in the encoder's forward passes (CUDA synchronised); CPU time is
+    read from ``cpu_clock`` (the process's by default)."""
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, cpu_clock: Callable[[], float] | None = None):
         self.cuda = torch.device(device).type == "cuda"
+        self.cpu_clock = cpu_clock or time.process_time
         self.wall = self.cpu = 0.0
 
     def __enter__(self) -> None:
-        self._t0, self._c0 = time.perf_counter(), time.process_time()
+        self._t0, self._c0 = time.perf_counter(), self.cpu_clock()
 
     def __exit__(self, *exc: object) -> None:
         if self.cuda:
             torch.cuda.synchronize()
         self.wall += time.perf_counter() - self._t0
-        self.cpu += time.process_time() - self._c0
+        self.cpu += self.cpu_clock() - self._c0
 
 
 def token_validity(mask: np.ndarray, patch: int) -> np.ndarray:
@@ -125,6 +128,7 @@ def tokenize_volume(
     precision: str | None = None,
     max_batch_mb: float | None = 4096,
     reuse_black_slices: bool = True,
+    cpu_clock: Callable[[], float] | None = None,
 ) -> TokenSet:
     """Tokens of a standardised cube (see the module docstring).
 
@@ -140,6 +144,9 @@ def tokenize_volume(
         precision: ``fp32``/``bf16``/``auto``; default the encoder's.
         max_batch_mb: rough activation memory bound per forward pass (None: no bound).
         reuse_black_slices: encode one all-zero slice and reuse it (exact; off only for tests).
+        cpu_clock: the CPU-seconds clock that times the forward passes (``info``'s
+            ``encode_cpu_seconds``); default the whole process's (``time.process_time``). A caller
+            that runs other work in threads meanwhile passes a clock that leaves them out.
 
     Returns: a :class:`TokenSet` with float32 CPU arrays.
     """
@@ -188,7 +195,7 @@ def tokenize_volume(
     black = black_slices(cube) if reuse_black_slices else [np.zeros(size, dtype=bool)] * 3
     black_feats: torch.Tensor | None = None
     n_encoded = n_black = 0
-    clock = _EncodeClock(dev)
+    clock = _EncodeClock(dev, cpu_clock)
     per_axis = []
     with torch.inference_mode():
         for _name, axis in AXES:

@@ -3,14 +3,18 @@
 The encoder is built once per call for every image whose tokens are not cached yet; the next
 cube is loaded, resampled and standardised in a background thread while the current one is
 encoded (loading and resampling release the GIL for much of their time; at most two cubes are
-held), and each volume's tokens are written in another while the next one is encoded. Tokens are
-cached by the image's prepare key, the landmarks and every token setting.
+held), and each volume's tokens are written in another while the next one is encoded. The
+``encode`` timing counts the CPU time of the encoding thread and torch's threads, not of these two
+helpers (:class:`ForegroundClock`). During the loop freed memory stays in the process for the next
+forward pass (:func:`cg3d_bids.heap.reuse_freed_memory`). Tokens are cached by the image's prepare
+key, the landmarks and every token setting.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -18,6 +22,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import numpy as np
 
 from .. import timings
+from ..heap import reuse_freed_memory
 from ..records import ImageTokens, Landmarks, PreparedImage
 from ..settings import Affects
 from .context import Ref, StageContext, limit_threads, stage
@@ -52,12 +57,15 @@ def tokenize_images(ctx: StageContext, usable: list[PreparedImage], landmarks: L
         encoder = build_encoder(ctx)
         method, execution = ctx.settings.method, ctx.settings.execution
         start, encode_wall, encode_cpu = time.time(), 0.0, 0.0
-        with _BackgroundStore(ctx) as store:
-            for done, (prep, volume) in enumerate(zip(todo, _prefetched_cubes(ctx, todo, landmarks)), 1):
+        clock = ForegroundClock()
+        with reuse_freed_memory(), _BackgroundStore(ctx, clock) as store:
+            cubes = _prefetched_cubes(ctx, todo, landmarks, clock)
+            for done, (prep, volume) in enumerate(zip(todo, cubes), 1):
                 t0 = time.monotonic()
                 tok = tokenize_volume(volume, prep.cube_mask(), encoder, projection_dim=method.projection_dim,
                                       seed=method.random_seed, device=execution.device,
-                                      slice_batch=execution.slice_batch, precision=ctx.settings.run.precision)
+                                      slice_batch=execution.slice_batch, precision=ctx.settings.run.precision,
+                                      cpu_clock=clock)
                 encode_wall += tok.info["encode_seconds"]
                 encode_cpu += tok.info["encode_cpu_seconds"]
                 store.put(prep, ImageTokens(
@@ -108,10 +116,41 @@ def _cube_values(ctx: StageContext, prepared: PreparedImage, mask: np.ndarray) -
     return cube.data[cube.mask]
 
 
-def _prefetched_cubes(ctx: StageContext, todo: list[PreparedImage], landmarks: Landmarks) -> Iterator[np.ndarray]:
+class ForegroundClock:
+    """CPU seconds of this process minus those of its registered helper threads: what the
+    encoding thread (and torch's own threads) used. The process clock alone would also count the
+    next cube and the last tokens, made in helper threads while the encoder runs, as encoding.
+    Without per-thread clocks (``time.pthread_getcpuclockid``: not on every platform) it is the
+    process clock."""
+
+    def __init__(self) -> None:
+        self._clocks: list[int] = []
+        self._lock = threading.Lock()
+
+    def register(self) -> None:
+        """Count the calling thread out (a thread pool's ``initializer``)."""
+        try:
+            clock = time.pthread_getcpuclockid(threading.get_ident())
+        except (AttributeError, OSError):
+            return
+        with self._lock:
+            self._clocks.append(clock)
+
+    def __call__(self) -> float:
+        with self._lock:
+            clocks = list(self._clocks)
+        helpers = 0.0
+        for clock in clocks:
+            with contextlib.suppress(OSError):  # a thread that has ended: its time counts as ours
+                helpers += time.clock_gettime(clock)
+        return time.process_time() - helpers
+
+
+def _prefetched_cubes(ctx: StageContext, todo: list[PreparedImage], landmarks: Landmarks,
+                      clock: ForegroundClock) -> Iterator[np.ndarray]:
     """:func:`standardised_cube` of each image in order, the next one prepared in a background
     thread while the caller encodes the current one. Errors surface in order."""
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="cg3d-cube") as pool:
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="cg3d-cube", initializer=clock.register) as pool:
         pending = pool.submit(standardised_cube, ctx, todo[0], landmarks) if todo else None
         for index in range(len(todo)):
             result = pending.result()
@@ -126,9 +165,10 @@ class _BackgroundStore:
     most one record waits; errors surface at the next :meth:`put` or on leaving the block, which
     waits for the last write."""
 
-    def __init__(self, ctx: StageContext):
+    def __init__(self, ctx: StageContext, clock: ForegroundClock):
         self.ctx = ctx
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cg3d-store")
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cg3d-store",
+                                        initializer=clock.register)
         self._pending: Future | None = None
 
     def __enter__(self) -> _BackgroundStore:
