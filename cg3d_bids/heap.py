@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import ctypes.util
 import functools
 from collections.abc import Iterator
 
@@ -38,11 +37,11 @@ __all__ = ["reuse_freed_memory"]
 def _glibc() -> ctypes.CDLL | None:
     """The C library when it is glibc (it has ``mallopt`` and ``malloc_trim``), else None."""
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc = ctypes.CDLL(None)  # the symbols the process has loaded: its C library's among them
         libc.gnu_get_libc_version  # noqa: B018  (glibc only)
         libc.mallopt.argtypes, libc.mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
         libc.malloc_trim.argtypes, libc.malloc_trim.restype = [ctypes.c_size_t], ctypes.c_int
-    except (OSError, AttributeError):
+    except (OSError, AttributeError, TypeError):  # not glibc, or no C library to open
         return None
     return libc
 

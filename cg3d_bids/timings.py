@@ -8,7 +8,9 @@ per stage and modality: ``wall_s`` is the span from the first start to the last 
 in parallel), ``cpu_s`` the sum over calls, so ``cpu_s / wall_s`` is the parallelism reached.
 
 Stages: ``discover``, ``prepare``, ``landmarks``, ``tokenize`` (whole stage), ``encode`` (encoder
-forward passes only, inside tokenize), ``score``, ``outputs``, ``reports`` and ``total``.
+forward passes only, inside tokenize: the CPU time of the encoding thread and torch's threads,
+not of the helper threads that prepare the next cube and store tokens meanwhile), ``score``,
+``outputs``, ``reports`` and ``total``.
 """
 
 from __future__ import annotations
