@@ -30,20 +30,30 @@ def _faults_per_allocation(rounds: int = 10) -> list[int]:
     return faults
 
 
+def _rss() -> int:
+    """Resident memory of this process now, bytes."""
+    with open("/proc/self/status") as fh:
+        return next(int(line.split()[1]) * 1024 for line in fh if line.startswith("VmRSS:"))
+
+
 @pytest.mark.skipif(_glibc() is None, reason="mallopt is glibc's")
 def test_freed_memory_is_reused_inside_the_block_and_handed_back_after():
     """Outside the block every allocation maps fresh pages; inside, once the heap has grown
     enough (torch's aligned allocations leave gaps that a few frees coalesce), the same memory
-    serves every later allocation; after it, glibc maps fresh pages again."""
+    serves every later allocation and stays resident; leaving the block hands it back."""
     pages = BIG // 4096
     outside = _faults_per_allocation()
+    before = _rss()
     with reuse_freed_memory() as applies:
         assert applies
         inside = _faults_per_allocation()
-    after = _faults_per_allocation()
-    assert min(outside) > pages // 2 and min(after) > pages // 2
+        kept = _rss()
+    after = _rss()
+    assert min(outside) > pages // 2
     assert max(inside[-3:]) < pages // 10
     assert sum(inside) < sum(outside) * 0.8
+    assert kept - before > BIG // 2          # freed, but kept for the next allocation
+    assert after - before < BIG // 2         # handed back (malloc_trim)
 
 
 def test_the_foreground_clock_leaves_registered_threads_out():
