@@ -5,9 +5,8 @@ cube is loaded, resampled and standardised in a background thread while the curr
 encoded (loading and resampling release the GIL for much of their time; at most two cubes are
 held), and each volume's tokens are written in another while the next one is encoded. The
 ``encode`` timing counts the CPU time of the encoding thread and torch's threads, not of these two
-helpers (:class:`ForegroundClock`). During the loop freed memory stays in the process for the next
-forward pass (:func:`cg3d_bids.heap.reuse_freed_memory`). Tokens are cached by the image's prepare
-key, the landmarks and every token setting.
+helpers (:class:`ForegroundClock`). Tokens are cached by the image's prepare key, the landmarks and
+every token setting.
 """
 
 from __future__ import annotations
@@ -22,7 +21,6 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import numpy as np
 
 from .. import timings
-from ..heap import reuse_freed_memory
 from ..records import ImageTokens, Landmarks, PreparedImage
 from ..settings import Affects
 from .context import Ref, StageContext, limit_threads, stage
@@ -58,7 +56,7 @@ def tokenize_images(ctx: StageContext, usable: list[PreparedImage], landmarks: L
         method, execution = ctx.settings.method, ctx.settings.execution
         start, encode_wall, encode_cpu = time.time(), 0.0, 0.0
         clock = ForegroundClock()
-        with reuse_freed_memory(), _BackgroundStore(ctx, clock) as store:
+        with _BackgroundStore(ctx, clock) as store:
             cubes = _prefetched_cubes(ctx, todo, landmarks, clock)
             for done, (prep, volume) in enumerate(zip(todo, cubes), 1):
                 t0 = time.monotonic()
