@@ -80,14 +80,24 @@ def write_nifti(dest: str | os.PathLike, image: Any) -> Path:
     return dest
 
 
-def _gzip(data: bytes) -> bytes:
+def gzip_codec() -> tuple[Any, tuple[type[Exception], ...]]:
+    """The gzip module to use and the extra errors its ``decompress`` raises on a damaged stream:
+    ISA-L's ``isal.igzip`` (the same format and checks of length and CRC-32, about 2x zlib's speed
+    to inflate, ~10x to deflate at level 1) when it is installed, else the standard library's
+    ``gzip`` (a platform without ISA-L wheels)."""
     try:
         from isal import igzip
-    except ImportError:  # a platform without ISA-L wheels: the standard library's zlib
+        from isal.isal_zlib import error
+    except ImportError:
         import gzip
 
-        return gzip.compress(data, compresslevel=NIFTI_GZIP_LEVEL, mtime=0)
-    return igzip.compress(data, compresslevel=NIFTI_GZIP_LEVEL, mtime=0)
+        return gzip, ()
+    return igzip, (error,)
+
+
+def _gzip(data: bytes) -> bytes:
+    codec, _ = gzip_codec()
+    return codec.compress(data, compresslevel=NIFTI_GZIP_LEVEL, mtime=0)
 
 
 def write_npz(dest: str | os.PathLike, **arrays: np.ndarray) -> Path:

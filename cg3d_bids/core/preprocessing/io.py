@@ -32,6 +32,7 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
+from ...atomic import gzip_codec
 from ...errors import InputDataError, NoInputError
 from .resample import resample_mask
 
@@ -141,23 +142,17 @@ def _read_image(path: Path) -> nib.spatialimages.SpatialImage:
 
 
 def _inflate(path: Path) -> bytes:
-    """The inflated bytes of a gzip file, with ISA-L (``isal.igzip``: about 2x zlib's speed, same
-    checks of length and CRC-32) when it is installed, else the standard library's ``gzip``."""
+    """The inflated bytes of a gzip file (:func:`cg3d_bids.atomic.gzip_codec`: ISA-L when it is
+    installed)."""
     import zlib
 
-    try:
-        from isal import igzip as gzip
-        from isal.isal_zlib import error as isal_error
-    except ImportError:  # a platform without ISA-L wheels
-        import gzip
-
-        isal_error = zlib.error
+    gzip, codec_errors = gzip_codec()
     data = path.read_bytes()
     if data[:2] != b"\x1f\x8b":
         raise _unreadable(ValueError("not a gzip stream (it does not start with the gzip magic bytes)"), path)
     try:
         return gzip.decompress(data)
-    except (OSError, EOFError, zlib.error, isal_error) as exc:  # BadGzipFile is an OSError
+    except (OSError, EOFError, zlib.error, *codec_errors) as exc:  # BadGzipFile is an OSError
         raise _corrupt(exc, path) from exc
 
 
