@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import InputDataError, UsageError
+from .boxes import axis_occupancy
 from .projection import projection_tensor
 
 __all__ = ["AXES", "TOKEN_FORMAT", "TokenSet", "batch_slices_for_memory", "black_slices", "token_validity",
@@ -89,12 +90,10 @@ def token_validity(mask: np.ndarray, patch: int) -> np.ndarray:
 def black_slices(cube: np.ndarray) -> list[np.ndarray]:
     """Per cube axis, which slices along it are all zero: ``(H,)`` bool each.
 
-    Two reductions of ``cube != 0`` on the host (the cube is a host array; ~10x faster on CPU
-    than testing each axis's slices as a tensor, and no device round trip).
+    Two reductions of ``cube != 0`` on the host (:func:`.boxes.axis_occupancy`; the cube is a host
+    array: ~10x faster on CPU than testing each axis's slices as a tensor, no device round trip).
     """
-    nonzero = np.asarray(cube) != 0
-    xy, xz = nonzero.any(axis=2), nonzero.any(axis=1)
-    return [~xy.any(axis=1), ~xy.any(axis=0), ~xz.any(axis=0)]
+    return [~occupied for occupied in axis_occupancy(np.asarray(cube) != 0)]
 
 
 def batch_slices_for_memory(encoder, max_batch_mb: float | None, precision: str) -> int | None:
