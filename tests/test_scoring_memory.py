@@ -77,11 +77,11 @@ def measured_peak(**cfg) -> int:
 
 @pytest.mark.slow  # one subprocess per case, measured peak memory (about 40 s)
 @pytest.mark.parametrize("cfg", [
-    dict(stage="one-shot", B=30, N=1500, M=1200, C=64, Q=30, codegraph=True, threads=2,
+    dict(stage="one-shot", B=40, N=1500, M=1200, C=64, Q=40, codegraph=True, threads=2,
          plant=True),
     dict(stage="one-shot", B=40, N=1000, M=900, C=384, Q=40, codegraph=False, threads=1),
     dict(stage="score", B=40, N=1000, M=1000, C=384, Q=10, codegraph=True, threads=2),
-    dict(stage="rescore", B=30, N=1200, M=1000, C=128, Q=8, codegraph=True, threads=2),
+    dict(stage="rescore", B=30, N=1200, M=1000, C=192, Q=8, codegraph=True, threads=2),
 ], ids=lambda cfg: f"{cfg['stage']}-B{cfg['B']}-C{cfg['C']}-cg{int(cfg['codegraph'])}")
 def test_prediction_matches_the_measured_peak(cfg):
     predicted = predict_memory(cfg["stage"], cfg["B"], cfg["M"], cfg["C"], cfg["N"],

@@ -113,8 +113,37 @@ def test_near_duplicates_far_from_origin_are_accurate():
 def test_chunk_and_memory_settings_do_not_change_scores(setting):
     tokens, valid = random_batch(6)
     base = quiet(mutual_scores, tokens, valid)
-    # blocks of 2+ rows give the same GEMM results bit for bit; 1-row blocks use a GEMV kernel
+    # small row blocks run BLAS's small-matrix kernels, which round differently
     np.testing.assert_allclose(quiet(mutual_scores, tokens, valid, **setting), base, rtol=1e-6)
+
+
+def test_row_blocks_are_equal_and_cover_the_rows():
+    assert tiles.row_blocks(0, 256) == []
+    assert tiles.row_blocks(100, 256) == [(0, 100)]
+    assert tiles.row_blocks(513, 256) == [(0, 171), (171, 342), (342, 513)]
+    for n, rows in [(1, 1), (257, 256), (1000, 7), (4096, 256)]:
+        blocks = tiles.row_blocks(n, rows)
+        sizes = [r1 - r0 for r0, r1 in blocks]
+        assert blocks[0][0] == 0 and blocks[-1][1] == n
+        assert all(a[1] == b[0] for a, b in zip(blocks, blocks[1:]))
+        assert max(sizes) <= rows and max(sizes) - min(sizes) <= 1
+
+
+def test_tile_shapes_give_bit_identical_minima():
+    """The CPU tile shape is a speed setting only: shapes whose row blocks are not small (equal
+    blocks, no few-row remainder) give the same bits, with one or several images per GEMM."""
+    gen = torch.Generator().manual_seed(3)
+    tokens = torch.randn(4, 600, 384, generator=gen)
+    valid = torch.rand(4, 600, generator=gen) > 0.3  # ~420 valid tokens per image
+    bank = tiles.TokenBank(tokens, valid, torch.device("cpu"))
+    tables = []
+    for rows, cols in [(tiles.CPU_TILE_ROWS, tiles.CPU_TILE_COLS), (512, 4096), (400, 450), (150, 900)]:
+        table = torch.full((4, 4, 600), math.inf)
+        tiles.fill_minima(bank, tiles.TileShape(rows, cols), table, range(4))
+        tables.append(table)
+    assert bool(torch.isfinite(tables[0][0, 1, : bank.counts[0]]).all())
+    for table in tables[1:]:
+        assert torch.equal(table, tables[0])
 
 
 def test_tile_shape_respects_the_block_memory():

@@ -35,13 +35,15 @@ from .workers import CoreWorkers
 
 #: Default memory of one distance block in MB (matches the app's ``--score-chunk-mb``).
 DEFAULT_BLOCK_MB = 256.0
-#: CPU tile shape: rows of the row image and columns (reference tokens) per GEMM. Measured on
-#: a 2-core AVX-512 machine (MKL, C = 384, N = 1369; single-thread CPU time, best of 8):
-#: 256-1369 rows x 1369-8192 columns all ran at 70-73 % of the single-thread 4096^3 matmul
-#: (GEMM ~85 % of the time at ~85-90 % of that rate, the two reductions ~13 %: MKL stores the
-#: block with streaming stores, so they read it back from memory). ``512 x 4096`` (8 MB) is
-#: among the fastest and bounds the tile and MKL's packed copy of it to ~15 MB per thread.
-CPU_TILE_ROWS = 512
+#: CPU tile shape: rows of the row image and columns (reference tokens) per GEMM. Measured with
+#: two worker threads (C = 384; B = 32 x N = 1369, and B = 12 x 1000-2500 valid tokens):
+#: on a 2-core AVX-512 machine (MKL) 256-1369 rows x 1369-8192 columns all ran at 70-73 % of
+#: the 4096^3 matmul; on a 2-core AMD EPYC (AVX2, 512 KB L2 per core) 256 x 4096 ran 7-15 %
+#: faster than 512 x 4096 (B = 32: 5.8-6.4 s against 6.7-7.2 s) and no slower than 128 or 64
+#: rows. The GEMM is ~94 % of a tile's time; the two reductions read the block back. The tile
+#: shape never changes a result (the minima are bit-identical for every shape; tested).
+#: ``256 x 4096`` bounds the tile (4 MB) and MKL's packed copy of it per thread.
+CPU_TILE_ROWS = 256
 CPU_TILE_COLS = 4096
 
 
@@ -85,6 +87,21 @@ def tile_shape(max_count: int, block_mb: float | None = None, *, chunk_size: int
     if chunk_size is None:
         rows = max(1, min(rows, floats // cols))
     return TileShape(min(rows, max_count), cols)
+
+
+def row_blocks(n_rows: int, rows: int) -> list[tuple[int, int]]:
+    """``[r0, r1)`` blocks of at most ``rows`` rows covering ``0..n_rows-1``, of equal size
+    (+-1).
+
+    Equal blocks, not full blocks and a remainder: a remainder of a few rows would run BLAS's
+    small-matrix kernel, whose sums round differently (MKL on AVX2: below ~48 rows), so the
+    minima of those rows would depend on the tile shape.
+    """
+    if n_rows <= 0:
+        return []
+    n_blocks = -(-int(n_rows) // int(rows))
+    bounds = [n_rows * b // n_blocks for b in range(n_blocks + 1)]
+    return list(zip(bounds[:-1], bounds[1:]))
 
 
 def column_groups(counts: np.ndarray, first: int, cols: int) -> list[tuple[int, int]]:
@@ -255,8 +272,7 @@ class TileWorker:
         run, tmp = wrap(self._colmin[:width]), wrap(self._tmp[:width])
         rows_out = None if row_out is None else wrap(row_out)
         n_rows = row_side.shape[0]
-        for r0 in range(0, n_rows, self.shape.rows):
-            r1 = min(n_rows, r0 + self.shape.rows)
+        for r0, r1 in row_blocks(n_rows, self.shape.rows):
             block = wrap(self._block(row_side[r0:r1], rhs))
             if col_out:
                 amin(block, 0, out=run if r0 == 0 else tmp)
@@ -290,8 +306,7 @@ class TileWorker:
         if col_out is not None:
             col_out.fill_(math.inf)
         n_rows = row_side.shape[0]
-        for r0 in range(0, n_rows, self.shape.rows):
-            r1 = min(n_rows, r0 + self.shape.rows)
+        for r0, r1 in row_blocks(n_rows, self.shape.rows):
             block = self._block(row_side[r0:r1], rhs)
             if col_out is not None:
                 keep = None if exclude_rows is None else ~exclude_rows[r0:r1]
@@ -311,8 +326,7 @@ class TileWorker:
         """
         rhs = self.bank.image_cols(b)
         near = torch.zeros(rhs.shape[1], dtype=torch.bool, device=self.bank.device)
-        for r0 in range(0, lhs.shape[0], self.shape.rows):
-            r1 = min(lhs.shape[0], r0 + self.shape.rows)
+        for r0, r1 in row_blocks(lhs.shape[0], self.shape.rows):
             block = self._block(lhs[r0:r1], rhs)
             near |= (block < radii2[r0:r1].unsqueeze(1)).any(dim=0)
         return near
