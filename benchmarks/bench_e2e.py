@@ -350,6 +350,45 @@ class Measured:
     end: float
     timed_out: bool = False
     load: tuple[float, float] = (0.0, 0.0)  #: 1-min load average before and after (other work on the machine)
+    speed: tuple[float, float] | None = None  #: fp32 matmul GFLOP/s before and after (:func:`cpu_speed`)
+
+
+#: Size of the matmul that probes the machine's speed (fp32, square; ~0.1 s on 2 cores).
+SPEED_PROBE_SIZE = 2048
+SPEED_PROBE = """
+import sys, time, torch
+n, size = int(sys.argv[1]), int(sys.argv[2])
+torch.set_num_threads(n)
+a, b = torch.randn(size, size), torch.randn(size, size)
+best = float("inf")
+for _ in range(4):
+    t = time.perf_counter(); a @ b; best = min(best, time.perf_counter() - t)
+print(2 * size**3 / best / 1e9)
+"""
+
+
+def cpu_speed(threads: int, size: int = SPEED_PROBE_SIZE) -> float | None:
+    """Best-of-4 fp32 ``size^3`` matmul rate on ``threads`` CPU threads (GFLOP/s), in a child
+    process; None if it cannot run. On a shared VM this rate moves by +-30 % from hour to hour,
+    and the CPU stages move with it: compare runs at similar rates."""
+    try:
+        out = subprocess.run([sys.executable, "-c", SPEED_PROBE, str(threads), str(size)],
+                             capture_output=True, text=True, timeout=120, env=child_env())
+        return float(out.stdout.split()[-1]) if out.returncode == 0 else None
+    except (OSError, subprocess.TimeoutExpired, ValueError, IndexError):
+        return None
+
+
+def cpu_model() -> str:
+    """The CPU's model name and the SIMD level torch uses (e.g. ``AMD EPYC, AVX2``)."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        info = ""
+    names = [line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")]
+    name, flags = (names[0] if names else "unknown CPU"), info
+    simd = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2"
+    return f"{name}, {simd}"
 
 
 def cg3d_command(bids: Path, masks: Path, out: Path, work: Path, *, encoder: str, cube: int, device: str,
@@ -403,10 +442,13 @@ def _stop(proc: subprocess.Popen) -> None:
 
 
 def run_measured(cmd: Sequence[str], log_path: Path, *, env: dict[str, str] | None = None,
-                 timeout: float | None = None, echo: str = "cg3d") -> Measured:
-    """Run ``cmd`` in its own process group; wall time and process-tree CPU time."""
+                 timeout: float | None = None, echo: str = "cg3d", speed_threads: int = 0) -> Measured:
+    """Run ``cmd`` in its own process group; wall time and process-tree CPU time (and, with
+    ``speed_threads``, the machine's matmul rate on that many threads before and after; the
+    probes' own CPU time is not counted in the run's)."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    speed_before = cpu_speed(speed_threads) if speed_threads else None
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)  # after the probe: its CPU is not the run's
     load_before = os.getloadavg()[0]
     start, t0 = time.time(), time.perf_counter()
     with open(log_path, "w") as log:
@@ -424,7 +466,12 @@ def run_measured(cmd: Sequence[str], log_path: Path, *, env: dict[str, str] | No
     wall, end = time.perf_counter() - t0, time.time()
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    return Measured(proc.returncode, wall, cpu, start, end, timed_out, (load_before, os.getloadavg()[0]))
+    load_after = os.getloadavg()[0]
+    speed = None
+    if speed_before is not None:
+        speed_after = cpu_speed(speed_threads)
+        speed = None if speed_after is None else (speed_before, speed_after)
+    return Measured(proc.returncode, wall, cpu, start, end, timed_out, (load_before, load_after), speed)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -797,6 +844,11 @@ def report(args: argparse.Namespace, measured: Measured, out: Path, output_log: 
              f"(process tree), {_fmt(measured.cpu_s / args.n, 2)} core-s per volume. Load average "
              f"{measured.load[0]:.1f} before, {measured.load[1]:.1f} after, on {os.cpu_count()} CPUs "
              "(above the CPU count, other work shared the machine: wall times are inflated).\n"]
+    if measured.speed is not None:
+        parts.append(f"Machine: {cpu_model()}; fp32 {SPEED_PROBE_SIZE}^3 matmul on {args.nprocs} threads: "
+                     f"{measured.speed[0]:.0f} GFLOP/s before the run, {measured.speed[1]:.0f} after "
+                     "(a shared VM's speed moves by +-30 % from hour to hour, and every stage with it: "
+                     "compare runs made at similar rates).\n")
     path = find_timings(out)
     timings, progress = None, None
     if path is None:
@@ -835,7 +887,7 @@ def run_benchmark(args: argparse.Namespace, out_dir: Path) -> int:
                        extra=args.cg3d_arg)
     say("running: " + " ".join(cmd[1:]))
     measured = run_measured(cmd, run_dir / "cg3d-output.log", env=child_env(), timeout=args.timeout,
-                            echo=args.echo)
+                            echo=args.echo, speed_threads=args.nprocs or os.cpu_count() or 1)
     say(f"cg3d finished: exit {measured.returncode}, {measured.wall_s:.1f} s wall")
     text = report(args, measured, out, run_dir / "cg3d-output.log")
     print(text, flush=True)

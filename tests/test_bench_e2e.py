@@ -436,3 +436,20 @@ def test_build_only_then_reuse_from_the_command_line(tmp_path, capsys):
     assert be.main(["--build-only", "--reuse", "--seed", "1", *common]) == 0
     assert "no cohort with these settings" in capsys.readouterr().err
     assert _digests(tmp_path / "cohort") != built
+
+
+def test_report_names_the_machine_speed(tmp_path):
+    measured = be.Measured(0, 110.0, 200.0, 99.0, 209.0, speed=(151.4, 139.6))
+    text = be.report(_args(tmp_path), measured, tmp_path / "out")
+    assert "matmul on" in text and "151 GFLOP/s before the run, 140 after" in text
+    assert "Machine:" not in be.report(_args(tmp_path), be.Measured(0, 110.0, 200.0, 99.0, 209.0),
+                                       tmp_path / "out")
+
+
+@pytest.mark.slow  # three child processes that import torch (~8 s)
+def test_cpu_speed_probe_runs_and_is_not_counted_in_the_run(tmp_path):
+    speed = be.cpu_speed(1, size=256)
+    assert speed is not None and speed > 0.1
+    measured = be.run_measured([sys.executable, "-c", "pass"], tmp_path / "log.txt", speed_threads=1)
+    assert measured.speed is not None and all(s > 0.1 for s in measured.speed)
+    assert measured.cpu_s < 1.5  # a bare interpreter, not the two probes (each imports torch)
