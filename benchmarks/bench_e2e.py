@@ -361,14 +361,14 @@ n, size = int(sys.argv[1]), int(sys.argv[2])
 torch.set_num_threads(n)
 a, b = torch.randn(size, size), torch.randn(size, size)
 best = float("inf")
-for _ in range(4):
+for _ in range(8):
     t = time.perf_counter(); a @ b; best = min(best, time.perf_counter() - t)
 print(2 * size**3 / best / 1e9)
 """
 
 
 def cpu_speed(threads: int, size: int = SPEED_PROBE_SIZE) -> float | None:
-    """Best-of-4 fp32 ``size^3`` matmul rate on ``threads`` CPU threads (GFLOP/s), in a child
+    """Best-of-8 fp32 ``size^3`` matmul rate on ``threads`` CPU threads (GFLOP/s), in a child
     process; None if it cannot run. On a shared VM this rate moves by +-30 % from hour to hour,
     and the CPU stages move with it: compare runs at similar rates."""
     try:
