@@ -94,7 +94,7 @@ else
 fi
 python3 - <<'EOF'
 import importlib
-for name in ("numpy", "torch", "timm", "nibabel", "bids", "nipype", "igraph", "nilearn", "tomli_w", "sqlalchemy"):
+for name in ("numpy", "torch", "timm", "nibabel", "bids", "nipype", "igraph", "tomli_w", "sqlalchemy"):
     module = importlib.import_module(name)
     print(f"  {name} {getattr(module, '__version__', '?')}  {module.__file__}")
 import torch

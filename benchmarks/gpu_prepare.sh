@@ -33,7 +33,6 @@ WHEELS=(
   nipype==1.11.0 prov==3.2.3 rdflib==7.6.0 pydot==4.0.1 traits==7.3.0 acres==0.5.0
   etelemetry==0.3.1 ci-info==0.4.0 looseversion==1.3.0 puremagic==1.30
   igraph==1.0.0 texttable==1.7.2
-  nilearn==0.14.1
   tomli-w==1.2.0
   isal==1.7.2
 )
