@@ -380,15 +380,15 @@ def cpu_speed(threads: int, size: int = SPEED_PROBE_SIZE) -> float | None:
 
 
 def cpu_model() -> str:
-    """The CPU's model name and the SIMD level torch uses (e.g. ``AMD EPYC, AVX2``)."""
+    """The CPU's model name and its widest SIMD level (e.g. ``AMD EPYC, AVX2``): BLAS and the
+    encoder's kernels, hence speed and the last bits of float results, depend on it."""
     try:
         info = Path("/proc/cpuinfo").read_text()
     except OSError:
         info = ""
     names = [line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")]
-    name, flags = (names[0] if names else "unknown CPU"), info
-    simd = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2"
-    return f"{name}, {simd}"
+    simd = "AVX-512" if "avx512f" in info else "AVX2" if "avx2" in info else "no AVX2"
+    return f"{names[0] if names else 'unknown CPU'}, {simd}"
 
 
 def cg3d_command(bids: Path, masks: Path, out: Path, work: Path, *, encoder: str, cube: int, device: str,

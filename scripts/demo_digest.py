@@ -165,7 +165,7 @@ def compare(expected: dict[str, dict[str, Any]], got: dict[str, dict[str, Any]],
         if a["exact"] == b["exact"]:
             continue
         if (a["form"] != b["form"] or len(a["values"]) != len(b["values"])
-                or not np.allclose(b["values"], a["values"], rtol=rtol, atol=atol)):
+                or not np.allclose(b["values"], a["values"], rtol=rtol, atol=atol, equal_nan=True)):
             changed.append(name)
         else:
             inexact.append(name)
@@ -180,10 +180,12 @@ def main(argv: list[str] | None = None) -> int:
     action.add_argument("--write", type=Path, metavar="FILE", help="store the digest as JSON here")
     action.add_argument("--compare", type=Path, metavar="FILE",
                         help="compare with a stored digest (or another output folder)")
+    parser.add_argument("--root", type=Path, help="folder shown as <ROOT> in JSON values (default: "
+                        "OUT_DIR/../..; give it when comparing folders at different depths)")
     args = parser.parse_args(argv)
-    result = digest(args.out_dir)
+    result = digest(args.out_dir, args.root)
     if args.compare:
-        other = (digest(args.compare) if args.compare.is_dir()
+        other = (digest(args.compare, args.root) if args.compare.is_dir()
                  else json.loads(args.compare.read_text(encoding="utf-8")))
         diff = compare(other, result)
         for kind, names in diff.items():

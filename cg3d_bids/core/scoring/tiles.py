@@ -41,8 +41,10 @@ DEFAULT_BLOCK_MB = 256.0
 #: the 4096^3 matmul; on a 2-core AMD EPYC (AVX2, 512 KB L2 per core) 256 x 4096 ran 7-15 %
 #: faster than 512 x 4096 (B = 32: 5.8-6.4 s against 6.7-7.2 s) and no slower than 128 or 64
 #: rows. The GEMM is ~94 % of a tile's time; the two reductions read the block back. The tile
-#: shape never changes a result (the minima are bit-identical for every shape; tested).
-#: ``256 x 4096`` bounds the tile (4 MB) and MKL's packed copy of it per thread.
+#: shape is a speed setting: shapes whose row blocks are not small (:func:`row_blocks`) give
+#: bit-identical minima (tested); a ``chunk_size`` of a few rows runs BLAS's small-matrix kernel,
+#: which rounds differently. ``256 x 4096`` bounds the tile (4 MB) and MKL's packed copy of it
+#: per thread.
 CPU_TILE_ROWS = 256
 CPU_TILE_COLS = 4096
 
