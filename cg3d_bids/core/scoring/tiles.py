@@ -38,13 +38,15 @@ DEFAULT_BLOCK_MB = 256.0
 #: CPU tile shape: rows of the row image and columns (reference tokens) per GEMM. Measured with
 #: two worker threads (C = 384; B = 32 x N = 1369, and B = 12 x 1000-2500 valid tokens):
 #: on a 2-core AVX-512 machine (MKL) 256-1369 rows x 1369-8192 columns all ran at 70-73 % of
-#: the 4096^3 matmul; on a 2-core AMD EPYC (AVX2, 512 KB L2 per core) 256 x 4096 ran 7-15 %
-#: faster than 512 x 4096 (B = 32: 5.8-6.4 s against 6.7-7.2 s) and no slower than 128 or 64
-#: rows. The GEMM is ~94 % of a tile's time; the two reductions read the block back. The tile
-#: shape is a speed setting: shapes whose row blocks are not small (:func:`row_blocks`) give
-#: bit-identical minima (tested); a ``chunk_size`` of a few rows runs BLAS's small-matrix kernel,
-#: which rounds differently. ``256 x 4096`` bounds the tile (4 MB) and MKL's packed copy of it
-#: per thread.
+#: the 4096^3 matmul; on a 2-core AMD EPYC (AVX2, 512 KB L2 per core) 256 x 4096 ran 7-12 %
+#: faster than 512 x 4096 (B = 32, medians of 4 alternated rounds: 6.4 s against 7.2 s) and no
+#: slower than 128 or 64 rows. The GEMM is ~94 % of a tile's time; the two reductions read the
+#: block back. The tile shape is a speed setting: with MKL's default kernels (AVX2, AVX and
+#: SSE4.2 checked here; AVX-512 per an earlier stop's note) shapes whose row blocks are not small
+#: (:func:`row_blocks`) give bit-identical minima (tested); a ``chunk_size`` of a few rows runs
+#: BLAS's small-matrix kernel, which rounds differently, and so does MKL's reproducibility mode
+#: ``MKL_CBWR=COMPATIBLE`` (~2e-6 relative). ``256 x 4096`` bounds the tile (4 MB) and MKL's
+#: packed copy of it per thread.
 CPU_TILE_ROWS = 256
 CPU_TILE_COLS = 4096
 
