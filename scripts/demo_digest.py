@@ -121,8 +121,9 @@ def tsv_entry(text: str) -> dict[str, Any]:
     rows = []
     for line in text.splitlines():
         cells = line.split("\t")
-        values.extend(float(c) for c in cells if _is_decimal(c))
-        rows.append("\t".join("<float>" if _is_decimal(c) else c for c in cells))
+        decimal = [_is_decimal(c) for c in cells]
+        values.extend(float(c) for c, d in zip(cells, decimal) if d)
+        rows.append("\t".join("<float>" if d else c for c, d in zip(cells, decimal)))
     return _entry(text.encode(), "\n".join(rows).encode(), values)
 
 
