@@ -5,10 +5,12 @@ Two tables (Markdown):
 1. **Official comparison** (one process, runs alternated): cg3d's ``mutual_scores`` and the
    official ``MSM`` of xrli-U/MuSc (``models/modules/_MSM.py``: every pair computed in both
    directions with ``torch.cdist``) on identical tokens (default B = 32, N = 1369, C = 384: the
-   issue's shape), with a large fp32 matmul (4096^3) timed between them. Reported: best and
-   median seconds of each, the speed-up (ratio of medians), cg3d's throughput as a share of the
-   matmul's (``2 N^2 C`` flops per image pair, ``B (B - 1) / 2`` pairs), and the largest score
-   difference (the check: <= 1e-5). The official code is loaded at run time from a copy of
+   issue's shape), with large fp32 matmuls (4096^3; torch's and, on CPU, numpy's BLAS) timed
+   between them. Reported: best and median seconds of each, the speed-up (ratio of medians),
+   cg3d's throughput as a share of the faster matmul's (``2 N^2 C`` flops per image pair,
+   ``B (B - 1) / 2`` pairs), and the largest score difference (the check: <= 1e-5). ``--blas
+   numpy,torch`` times cg3d with each CPU BLAS library (``cg3d_bids/core/scoring/blas.py``) in
+   every round; by default only with the machine's default one. The official code is loaded at run time from a copy of
    their repository (``--musc-repo``: a clone or a bare git directory, e.g. the one the
    ``fetch`` tool makes); it is never copied into this repository. Without it the table says
    so and only cg3d is timed.
@@ -19,6 +21,7 @@ Two tables (Markdown):
 
     python benchmarks/bench_scoring.py --musc-repo /work/.mirror/xrli-U+MuSc/repo
     python benchmarks/bench_scoring.py --musc-repo ~/src/MuSc --rounds 5 --sizes 15,30
+    python benchmarks/bench_scoring.py --musc-repo ~/src/MuSc --no-sizes --blas numpy,torch
     python benchmarks/bench_scoring.py --device cuda --sizes 15,30,60,120 --no-official
 """
 
@@ -34,6 +37,7 @@ import sys
 import tempfile
 import time
 import warnings
+from unittest import mock
 from pathlib import Path
 
 import torch
@@ -62,7 +66,7 @@ def _timed(fn, device: str) -> tuple[float, object]:
 
 
 def matmul_gflops(device: str, size: int = MATMUL_SIZE, repeats: int = 2) -> float:
-    """Best of ``repeats`` fp32 ``size^3`` matmuls (TF32 off), GFLOP/s."""
+    """Best of ``repeats`` fp32 ``size^3`` matmuls with torch (TF32 off), GFLOP/s."""
     from cg3d_bids.core.scoring.mutual import exact_fp32_matmul
 
     a = torch.randn(size, size, device=device)
@@ -71,6 +75,22 @@ def matmul_gflops(device: str, size: int = MATMUL_SIZE, repeats: int = 2) -> flo
     with exact_fp32_matmul():
         torch.mm(a, b, out=out)
         best = min(_timed(lambda: torch.mm(a, b, out=out), device)[0] for _ in range(repeats))
+    return 2 * size**3 / best / 1e9
+
+
+def numpy_matmul_gflops(size: int = MATMUL_SIZE, repeats: int = 2) -> float:
+    """Best of ``repeats`` fp32 ``size^3`` matmuls with numpy's BLAS (OpenBLAS in its wheels) on
+    torch's thread count, GFLOP/s."""
+    import numpy as np
+    from threadpoolctl import threadpool_limits
+
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((size, size), dtype=np.float32)
+    b = rng.standard_normal((size, size), dtype=np.float32)
+    out = np.empty((size, size), dtype=np.float32)
+    with threadpool_limits(torch.get_num_threads(), user_api="blas"):
+        np.matmul(a, b, out=out)
+        best = min(_timed(lambda: np.matmul(a, b, out=out), "cpu")[0] for _ in range(repeats))
     return 2 * size**3 / best / 1e9
 
 
@@ -125,25 +145,56 @@ def run_compare(args: argparse.Namespace) -> dict:
     if msm is not None and musc_k(b, 0.3) != int((b - 1) * 0.3):
         raise SystemExit(f"K differs from the official int((B - 1) * 0.3) at B = {b}")
     small, small_valid = tokens_for(6, 64, c, args.device, seed=1)  # warm-up, both scorers
-    mutual_scores(small, small_valid, device=args.device)
+    libraries = _libraries(args)
+    for library in libraries:
+        with _blas(library):
+            mutual_scores(small, small_valid, device=args.device)
     if msm is not None:
         msm(small, args.device)
-    times: dict[str, list[float]] = {"cg3d": [], "official": [], "matmul": []}
-    ours = theirs = None
+    cpu = not args.device.startswith("cuda")
+    times: dict[str, list[float]] = {**{f"cg3d {lib}": [] for lib in libraries},
+                                     "official": [], "matmul torch": [], "matmul numpy": []}
+    ours, theirs = {}, None
     for _ in range(args.rounds):
-        seconds, ours = _timed(lambda: mutual_scores(tokens, valid, device=args.device),
-                               args.device)
-        times["cg3d"].append(seconds)
+        for library in libraries:
+            with _blas(library):
+                seconds, ours[library] = _timed(
+                    lambda: mutual_scores(tokens, valid, device=args.device), args.device)
+            times[f"cg3d {library}"].append(seconds)
         if msm is not None:
             with torch.no_grad():
                 seconds, theirs = _timed(lambda: msm(tokens, args.device), args.device)
             times["official"].append(seconds)
-        times["matmul"].append(2 * MATMUL_SIZE**3 / matmul_gflops(args.device, repeats=1) / 1e9)
-    diff = None
+        flop = 2 * MATMUL_SIZE**3 / 1e9
+        times["matmul torch"].append(flop / matmul_gflops(args.device, repeats=1))
+        if cpu:
+            times["matmul numpy"].append(flop / numpy_matmul_gflops(repeats=1))
+    diff = {}
     if theirs is not None:
-        diff = float((ours.double() - theirs.double().to(ours.device)).abs().max())
+        diff = {lib: float((out.double() - theirs.double().to(out.device)).abs().max())
+                for lib, out in ours.items()}
     return {"times": times, "origin": origin, "max_abs_diff": diff, "shape": [b, n, c],
-            "threads": torch.get_num_threads()}
+            "threads": torch.get_num_threads(), "libraries": libraries}
+
+
+def _libraries(args: argparse.Namespace) -> list[str]:
+    """The BLAS libraries cg3d is timed with: ``--blas``, else the machine's default."""
+    from cg3d_bids.core.scoring.blas import BLAS_LIBRARIES, gemm_library
+
+    if not args.blas:
+        return [gemm_library(args.device)]
+    chosen = [lib.strip() for lib in args.blas.split(",")]
+    unknown = sorted(set(chosen) - set(BLAS_LIBRARIES))
+    if unknown:
+        raise SystemExit(f"--blas: unknown {unknown}; choose from {', '.join(BLAS_LIBRARIES)}")
+    return chosen
+
+
+def _blas(library: str):
+    """``CG3D_CPU_BLAS=library`` inside the block (restored on exit)."""
+    from cg3d_bids.core.scoring.blas import CPU_BLAS_ENV
+
+    return mock.patch.dict(os.environ, {CPU_BLAS_ENV: library})
 
 
 # ------------------------------------------------------------------------------------------------
@@ -200,6 +251,8 @@ def _spawn(args: argparse.Namespace, child: str, **extra) -> dict:
         options += ["--musc-repo", args.musc_repo]
     if args.threads:
         options += ["--threads", str(args.threads)]
+    if args.blas:
+        options += ["--blas", args.blas]
     return run_child(__file__, child, options, **extra)
 
 
@@ -209,31 +262,44 @@ def print_compare(result: dict, device: str) -> None:
     b, n, c = result["shape"]
     times = result["times"]
     flops = pair_flops(b, n, c)
-    ours_best, ours_med = min(times["cg3d"]), statistics.median(times["cg3d"])
-    peak = 2 * MATMUL_SIZE**3 / min(times["matmul"]) / 1e9
-    share = flops / ours_best / 1e9 / peak
+    matmuls = {lib: times[f"matmul {lib}"] for lib in ("torch", "numpy") if times[f"matmul {lib}"]}
+    peaks = {lib: 2 * MATMUL_SIZE**3 / min(t) / 1e9 for lib, t in matmuls.items()}
+    best_lib = max(peaks, key=peaks.get)
+    peak = peaks[best_lib]  # the machine's fastest large matmul of this run
+
+    def runs(values: list[float]) -> str:
+        return ", ".join(f"{t:.2f}" for t in values)
+
     print(f"\n### cg3d vs official MuSc MSM: B = {b}, N = {n}, C = {c}, device {device}, "
-          f"{result['threads']} threads, {len(times['cg3d'])} alternated rounds\n")
+          f"{result['threads']} threads, {len(times['official']) or len(matmuls['torch'])} "
+          "alternated rounds\n")
     print("| scorer | best s | median s | all runs s | GFLOP/s (best) | share of fp32 matmul |")
     print("|---|---|---|---|---|---|")
-    print(f"| cg3d `mutual_scores` | {ours_best:.2f} | {ours_med:.2f} | "
-          f"{', '.join(f'{t:.2f}' for t in times['cg3d'])} | {flops / ours_best / 1e9:.0f} | "
-          f"{100 * share:.0f} % |")
+    for lib in result["libraries"]:
+        t = times[f"cg3d {lib}"]
+        print(f"| cg3d `mutual_scores`, {lib}'s BLAS | {min(t):.2f} | {statistics.median(t):.2f}"
+              f" | {runs(t)} | {flops / min(t) / 1e9:.0f} | {100 * flops / min(t) / 1e9 / peak:.0f} % |")
     if times["official"]:
         best, med = min(times["official"]), statistics.median(times["official"])
         print(f"| official `MSM` (both directions, cdist) | {best:.2f} | {med:.2f} | "
-              f"{', '.join(f'{t:.2f}' for t in times['official'])} | {flops / best / 1e9:.0f} "
+              f"{runs(times['official'])} | {flops / best / 1e9:.0f} "
               f"(pairs once) | {100 * flops / best / 1e9 / peak:.0f} % |")
-    print(f"| fp32 matmul {MATMUL_SIZE}^3 | {min(times['matmul']):.3f} | "
-          f"{statistics.median(times['matmul']):.3f} | | {peak:.0f} | 100 % |")
+    for lib, t in matmuls.items():
+        print(f"| fp32 matmul {MATMUL_SIZE}^3, {lib} | {min(t):.3f} | {statistics.median(t):.3f} | | "
+              f"{peaks[lib]:.0f} | {100 * peaks[lib] / peak:.0f} % |")
+    print(f"\nshare = GFLOP/s (best run) / the fastest matmul's GFLOP/s ({best_lib}'s, best run); "
+          "flops = 2 N^2 C per image pair, B (B - 1) / 2 pairs.")
     if times["official"]:
-        ratio = statistics.median(times["official"]) / ours_med
-        best_ratio = min(times["official"]) / ours_best
-        diff = result["max_abs_diff"]
-        verdict = "PASS" if diff <= 1e-5 else "FAIL"
-        print(f"\nspeed-up over the official scorer: {ratio:.2f}x (medians), {best_ratio:.2f}x "
-              f"(best runs). Largest |cg3d - official| score difference: {diff:.2e} "
-              f"({verdict} at 1e-5). Official code: {result['origin']}.")
+        for lib in result["libraries"]:
+            ours = times[f"cg3d {lib}"]
+            ratio = statistics.median(times["official"]) / statistics.median(ours)
+            best_ratio = min(times["official"]) / min(ours)
+            diff = result["max_abs_diff"][lib]
+            verdict = "PASS" if diff <= 1e-5 else "FAIL"
+            print(f"\ncg3d ({lib}'s BLAS): {ratio:.2f}x the official scorer (medians), "
+                  f"{best_ratio:.2f}x (best runs). Largest |cg3d - official| score difference: "
+                  f"{diff:.2e} ({verdict} at 1e-5).")
+        print(f"\nOfficial code: {result['origin']}.")
     else:
         print(f"\nofficial MuSc scorer NOT AVAILABLE ({result['origin']}): pass --musc-repo "
               "PATH (a clone or bare git directory of https://github.com/xrli-U/MuSc); only "
@@ -287,6 +353,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--no-sizes", action="store_true", help="skip the batch-size table")
     parser.add_argument("--no-codegraph", action="store_true", help="skip the CoDeGraph column")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's)")
+    parser.add_argument("--blas", default="",
+                        help="CPU BLAS libraries to time cg3d with, comma-separated: numpy, torch "
+                        "(default: the machine's default, cg3d_bids/core/scoring/blas.py)")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--images", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--block", type=float, default=0.0, help=argparse.SUPPRESS)

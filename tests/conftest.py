@@ -6,3 +6,13 @@ import os
 
 # Before anything imports huggingface_hub (it reads the variable once, at import time).
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(params=["numpy", "torch"])
+def blas(request, monkeypatch):
+    """Run the test with each BLAS library of the CPU distance GEMMs
+    (:mod:`cg3d_bids.core.scoring.blas`; the machine's default is only one of them)."""
+    monkeypatch.setenv("CG3D_CPU_BLAS", request.param)
+    return request.param

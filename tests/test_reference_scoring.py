@@ -30,7 +30,7 @@ def _full_row(tokens, valid, row, fraction, **kw):
 
 @pytest.mark.parametrize("fraction", [0.3, 0.5, 1.0])
 @pytest.mark.parametrize("block_mb", [256, 0.002])
-def test_new_image_scores_equal_its_row_of_the_batch(fraction, block_mb):
+def test_new_image_scores_equal_its_row_of_the_batch(fraction, block_mb, blas):
     tokens, valid = _batch()
     refs = [tokens[i][valid[i]] for i in range(7)]
     expected = _full_row(tokens, valid, 7, fraction, block_mb=block_mb)
@@ -40,7 +40,7 @@ def test_new_image_scores_equal_its_row_of_the_batch(fraction, block_mb):
 
 
 @pytest.mark.parametrize("member", [0, 3, 6])
-def test_a_bank_image_is_never_compared_with_itself(member):
+def test_a_bank_image_is_never_compared_with_itself(member, blas):
     """Scoring a bank image reproduces its row of the bank's own batch (K from B_ref - 1)."""
     tokens, valid = _batch(seed=1, b=7)
     refs = [tokens[i][valid[i]] for i in range(7)]

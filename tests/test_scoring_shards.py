@@ -57,7 +57,7 @@ def shard_counts(n_images):
 
 # ------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("setting", [{}, dict(chunk_size=7), dict(block_mb=0.02)])
-def test_mutual_rows_of_any_partition_equal_the_full_run(setting):
+def test_mutual_rows_of_any_partition_equal_the_full_run(setting, blas):
     tokens, valid, _, _ = make_batch("anisotropic", seed=3, n_images=12)
     full = mutual_scores(tokens, valid, **setting)
     for n_shards in shard_counts(12):
@@ -68,7 +68,7 @@ def test_mutual_rows_of_any_partition_equal_the_full_run(setting):
 
 
 @pytest.mark.parametrize("groups", [(5,), (4, 3), ()])
-def test_codegraph_shards_are_byte_identical_to_one_shot(groups):
+def test_codegraph_shards_are_byte_identical_to_one_shot(groups, blas):
     tokens, valid, labels, planted = make_batch("prototypes", seed=4, groups=groups)
     scores, details = codegraph_scores(tokens, valid, return_details=True)
     assert sorted(details.communities) == sorted(planted)  # the test means something

@@ -15,7 +15,8 @@ images, ``M`` the largest and ``V`` the total valid-token count, ``C`` the token
   reference images), two ``width`` vectors (column minima), one image's row side
   ``M (C + 2) 4`` (:class:`~.tiles.TileWorker`) and the BLAS library's packed copy of the
   GEMM operands on CPU, ``(rows + width) (C + 2) 4`` (measured: MKL packs the whole
-  right-hand operand of a single-threaded GEMM); kept until the call ends (re-scoring reuses
+  right-hand operand of a single-threaded GEMM; numpy's OpenBLAS, with one reference image per
+  GEMM, fits the same term); kept until the call ends (re-scoring reuses
   them; freed memory of this size stays resident with glibc anyway);
 - re-score temporaries: per worker, a copy of the kept rows of a pair tile and one image's
   row side, ``rows M 4 + M (C + 2) 4``;

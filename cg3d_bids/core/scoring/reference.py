@@ -13,13 +13,15 @@ of the batch of the ``R`` references (``K = floor(fraction * (R - 1))``).
 
 The arithmetic is that of :func:`~.mutual.mutual_scores` (tokens centred on the mean of the
 equivalent batch, accumulated image by image in batch order; one exact fp32 GEMM of augmented
-tokens per block, with the same orientation as the full run's pair), so the scores equal the
-full run's row to float rounding (the full run's tiles group several reference images per GEMM,
-so the GEMM shapes, and with them the last bits, may differ).
+tokens per block, with the same orientation and row blocks as the full run's pair, and the
+same BLAS library, :mod:`.blas`), so the scores equal the full run's row to float rounding
+(with MKL the full run's tiles group several reference images per GEMM, a shape MKL's bits do
+not depend on; with OpenBLAS the full run's GEMMs are one image wide, as here).
 
-Memory: the references are read one image at a time (they may be memory-mapped ``.npy``
-slices), so a bank is never materialised as a dense ``(R + 1, N, C)`` array; working memory is
-one reference image, one distance block and a ``(n_q, R)`` minimum table per query.
+Memory: the references are read one image at a time per worker thread (:mod:`.workers`; they
+may be memory-mapped ``.npy`` slices), so a bank is never materialised as a dense
+``(R + 1, N, C)`` array; working memory is, per worker, one reference image and one distance
+block, and a ``(n_q, R)`` minimum table per query.
 """
 
 from __future__ import annotations
@@ -31,8 +33,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .blas import distance_mm, gemm_library
 from .mutual import exact_fp32_matmul, mean_smallest, musc_k, resolve_device
-from .tiles import tile_shape
+from .tiles import row_blocks, tile_shape
+from .workers import core_workers
 
 __all__ = ["ReferenceQuery", "reference_k", "reference_scores"]
 
@@ -70,11 +74,12 @@ def _centred(x: torch.Tensor, mean: torch.Tensor, dim: int) -> tuple[torch.Tenso
 
 
 def _blocks(rows: torch.Tensor, cols: torch.Tensor, n_rows: int, buffer: torch.Tensor):
-    """``(r0, r1, rows[r0:r1] @ cols)``, each block written into the one preallocated ``buffer``."""
-    for r0 in range(0, rows.shape[0], n_rows):
-        r1 = min(rows.shape[0], r0 + n_rows)
+    """``(r0, r1, rows[r0:r1] @ cols)``, each block written into the one preallocated ``buffer``
+    by the full run's BLAS library (:func:`~.blas.gemm_library`)."""
+    library = gemm_library(buffer.device)
+    for r0, r1 in row_blocks(rows.shape[0], n_rows):
         block = buffer[: (r1 - r0) * cols.shape[1]].view(r1 - r0, cols.shape[1])
-        torch.mm(rows[r0:r1], cols, out=block)
+        distance_mm(rows[r0:r1], cols, block, library)
         yield r0, r1, block
 
 
@@ -149,12 +154,14 @@ def reference_scores(
             counts.append(int(x.shape[0]))
         assert dim is not None
         prepared = [_prepare_query(q, i, sums, counts, dim, dev, chunk_size, block_mb) for i, q in enumerate(queries)]
-        # pass 2: one reference image at a time against every query
+        # pass 2: one reference image per job (one per worker thread at a time) against every query
         tables = [torch.full((p.n, n_refs), math.inf, dtype=torch.float32, device=dev) for p in prepared]
         max_n = max([*counts, *(p.n for p in prepared)])
-        buffer = torch.empty(max(p.n_rows for p in prepared) * max_n, dtype=torch.float32, device=dev)
-        for j, ref in enumerate(references):
-            x = _as_float32(ref, dev)
+        floats = max(p.n_rows for p in prepared) * max_n
+
+        def one_reference(j: int) -> None:
+            buffer = workers.local(key, lambda: torch.empty(floats, dtype=torch.float32, device=dev))
+            x = _as_float32(references[j], dev)
             for p, table in zip(prepared, tables):
                 if j == p.self_index:
                     continue
@@ -163,6 +170,11 @@ def reference_scores(
                     _min_over_rows(rows, p.cols, p.n_rows, table[:, j], buffer)
                 else:
                     _min_over_cols(p.rows, cols, p.n_rows, table[:, j], buffer)
+
+        with core_workers(dev) as workers:  # each job writes its own column of every table
+            key = ("reference block", id(tables))
+            workers.map(one_reference, range(n_refs))
+            workers.release(key)
         out = []
         for p, table, k in zip(prepared, tables, ks):
             values, _ = torch.sort(table, dim=1, stable=True)

@@ -12,9 +12,17 @@ whose tokens together fill at most ``TileShape.cols`` columns (one image at leas
 ``rows`` rows of ``a`` against one group, one GEMM into a preallocated buffer. Its row minima
 per reference image give ``a -> b``; its column minima (a running minimum over the row blocks
 of ``a``) give ``b -> a``. Several reference images per GEMM keep small images' GEMMs wide
-(BLAS libraries and GPUs run wide GEMMs closer to their peak) and the tile bounded whatever the
-image sizes; the CPU tile shape below is what measured best. On CPU each row image's tiles
-are one single-threaded job of :mod:`.workers`.
+(MKL and GPUs run wide GEMMs closer to their peak) and the tile bounded whatever the image
+sizes; the CPU tile shape below is what measured best. On CPU each row image's tiles are one
+single-threaded job of :mod:`.workers`.
+
+BLAS library (:mod:`.blas`). With torch's (MKL; the default except on AMD CPUs) a GEMM's
+elements do not depend on its shape (tested), so the tile shape is a speed setting only. With
+numpy's OpenBLAS (the default on AMD CPUs, 18 % faster there) the last bits of an element
+depend on the GEMM's shape, so every GEMM is one row block against ONE reference image
+(``TileShape.cols == 0``; OpenBLAS runs narrow GEMMs as fast as wide ones, measured): a pair's
+GEMM then has the same shape in a full run, in a shard and in :mod:`.reference`'s per-image
+scoring, which therefore agree bit for bit or to float rounding as before.
 
 Exactness of shards. The tiles depend only on the valid counts and the tile shape, never on
 which images are queried: a run over some query images computes the tiles that touch them,
@@ -31,22 +39,26 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .blas import distance_mm, gemm_library
 from .workers import CoreWorkers
 
 #: Default memory of one distance block in MB (matches the app's ``--score-chunk-mb``).
 DEFAULT_BLOCK_MB = 256.0
 #: CPU tile shape: rows of the row image and columns (reference tokens) per GEMM. Measured with
-#: two worker threads (C = 384; B = 32 x N = 1369, and B = 12 x 1000-2500 valid tokens):
-#: on a 2-core AVX-512 machine (MKL) 256-1369 rows x 1369-8192 columns all ran at 70-73 % of
-#: the 4096^3 matmul; on a 2-core AMD EPYC (AVX2, 512 KB L2 per core) 256 x 4096 ran 7-12 %
-#: faster than 512 x 4096 (B = 32, medians of 4 alternated rounds: 6.4 s against 7.2 s) and no
-#: slower than 128 or 64 rows. The GEMM is ~94 % of a tile's time; the two reductions read the
-#: block back. The tile shape is a speed setting: with MKL's default kernels (AVX2, AVX and
-#: SSE4.2 checked here; AVX-512 per an earlier stop's note) shapes whose row blocks are not small
+#: two worker threads (C = 384; B = 32 x N = 1369, and B = 12 x 1000-2500 valid tokens).
+#: MKL: on a 2-core AVX-512 machine 256-1369 rows x 1369-8192 columns all ran at 70-73 % of the
+#: 4096^3 matmul; on a 2-core AMD EPYC (AVX2, 512 KB L2 per core) 256 x 4096 ran 7-12 % faster
+#: than 512 x 4096 (B = 32, medians of 4 alternated rounds: 6.4 s against 7.2 s) and no slower
+#: than 128 or 64 rows. OpenBLAS (numpy's, on that EPYC): one image per GEMM with 256, 512 or
+#: 1369 rows, and 256 x 4096 groups, all within 2 % (medians of 4 alternated rounds, 4.60-4.68
+#: s). The GEMM is ~92-94 % of a tile's time; the two reductions read the block back.
+#: With MKL's default kernels (AVX2, AVX and SSE4.2 checked here; AVX-512 per an earlier stop's
+#: note) the tile shape is a speed setting only: shapes whose row blocks are not small
 #: (:func:`row_blocks`) give bit-identical minima (tested); a ``chunk_size`` of a few rows runs
 #: BLAS's small-matrix kernel, which rounds differently, and so does MKL's reproducibility mode
-#: ``MKL_CBWR=COMPATIBLE`` (~2e-6 relative). ``256 x 4096`` bounds the tile (4 MB) and MKL's
-#: packed copy of it per thread.
+#: ``MKL_CBWR=COMPATIBLE`` (~2e-6 relative). With OpenBLAS the rows change the last bits
+#: (module docstring). ``256 x 4096`` bounds the tile (4 MB) and the BLAS's packed copy of it
+#: per thread.
 CPU_TILE_ROWS = 256
 CPU_TILE_COLS = 4096
 
@@ -56,7 +68,8 @@ class TileShape:
     """Rows of the row image and the column budget of one GEMM tile.
 
     A group of reference images is as many consecutive images as fit in ``cols`` columns,
-    one image at least (so a tile is ``rows x max(cols, largest valid count)`` at most).
+    one image at least (so a tile is ``rows x max(cols, largest valid count)`` at most);
+    ``cols == 0``: exactly one image per group.
     """
 
     rows: int
@@ -68,13 +81,15 @@ class TileShape:
 
 
 def tile_shape(max_count: int, block_mb: float | None = None, *, chunk_size: int | None = None,
-               device: torch.device | str = "cpu") -> TileShape:
+               device: torch.device | str = "cpu", library: str | None = None) -> TileShape:
     """Tile shape for images of at most ``max_count`` valid tokens within ``block_mb``.
 
-    CPU: the cache-friendly :data:`CPU_TILE_ROWS` x :data:`CPU_TILE_COLS`, shrunk (columns to
-    one image first, then rows) to fit ``block_mb``. CUDA: the whole budget (all rows of an
-    image, as many reference columns as fit), since GPU GEMMs gain from size. ``chunk_size``
-    fixes the rows (legacy setting; at least 1).
+    CPU with torch's BLAS: the cache-friendly :data:`CPU_TILE_ROWS` x :data:`CPU_TILE_COLS`,
+    shrunk (columns to one image first, then rows) to fit ``block_mb``. CPU with numpy's BLAS
+    (``library``, default :func:`~.blas.gemm_library`): :data:`CPU_TILE_ROWS` rows (fewer to
+    fit ``block_mb``) against one image (module docstring). CUDA: the whole budget (all rows of
+    an image, as many reference columns as fit), since GPU GEMMs gain from size.
+    ``chunk_size`` fixes the rows (legacy setting; at least 1).
     """
     mb = DEFAULT_BLOCK_MB if block_mb is None else float(block_mb)
     if mb <= 0:
@@ -83,6 +98,12 @@ def tile_shape(max_count: int, block_mb: float | None = None, *, chunk_size: int
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     max_count = max(1, int(max_count))
     floats = int(mb * 2**20 // 4)
+    library = gemm_library(device) if library is None else library
+    if library == "numpy":  # one reference image per GEMM (module docstring)
+        rows = CPU_TILE_ROWS if chunk_size is None else int(chunk_size)
+        if chunk_size is None:
+            rows = max(1, min(rows, floats // max_count))
+        return TileShape(min(rows, max_count), 0)
     if torch.device(device).type == "cuda":
         rows = max_count if chunk_size is None else int(chunk_size)
         return TileShape(rows, max(max_count, floats // rows))
@@ -156,12 +177,16 @@ class TokenBank:
         Per image, the token indices (into ``N``) of its valid tokens (CPU).
     counts : numpy.ndarray
         Valid tokens per image.
+    blas : str
+        Library of the distance GEMMs: ``"numpy"`` or ``"torch"`` (:func:`~.blas.cpu_blas` on
+        CPU, chosen once per bank so that a call never mixes them; ``"torch"`` on CUDA).
     """
 
     def __init__(self, tokens: torch.Tensor, valid: torch.Tensor, device: torch.device,
                  workers: CoreWorkers | None = None):
         workers = workers or CoreWorkers(None, 1)
         self.device = device
+        self.blas = gemm_library(device)
         self.n_images, self.n_tokens, self.dim = (int(s) for s in tokens.shape)
         valid_cpu = valid.cpu()
         self.positions = [torch.nonzero(valid_cpu[i]).flatten() for i in range(self.n_images)]
@@ -252,7 +277,7 @@ class TileWorker:
 
     def _block(self, lhs: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
         block = self._buffer[: lhs.shape[0] * rhs.shape[1]].view(lhs.shape[0], rhs.shape[1])
-        torch.mm(lhs, rhs, out=block)
+        distance_mm(lhs, rhs, block, self.bank.blas)
         self.gemm_calls += 1
         return block
 

@@ -8,8 +8,9 @@ multi-threaded operation waits at its barrier for its slowest thread (one desche
 stalled each small operation by ~16 ms on a busy 2-core machine), and each job's tile stays in
 its own core's cache. Inside :func:`core_workers` torch's thread count is 1 (restored on exit).
 Results do not depend on the scheduling: every job writes its own outputs, and everything
-combined across jobs is combined in a fixed order by the caller. On CUDA, jobs run in order on
-the calling thread.
+combined across jobs is combined in a fixed order by the caller. When the distance GEMMs run
+with numpy's BLAS (:mod:`.blas`), it too is held at one thread for the call. On CUDA, jobs run
+in order on the calling thread.
 """
 
 from __future__ import annotations
@@ -17,11 +18,13 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from contextvars import ContextVar
 from typing import Any, TypeVar
 
 import torch
+
+from .blas import cpu_blas, single_threaded_blas
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -74,8 +77,12 @@ def core_workers(device: torch.device | str = "cpu") -> Iterator[CoreWorkers]:
         yield active
         return
     threads = torch.get_num_threads()
-    parallel = torch.device(device).type == "cpu" and threads > 1
+    cpu = torch.device(device).type == "cpu"
+    parallel = cpu and threads > 1
     pool = None
+    stack = ExitStack()
+    if cpu and cpu_blas() == "numpy":
+        stack.enter_context(single_threaded_blas())  # once for all the call's GEMMs
     if parallel:
         torch.set_num_threads(1)
         pool = ThreadPoolExecutor(threads, initializer=torch.set_num_threads, initargs=(1,),
@@ -90,3 +97,4 @@ def core_workers(device: torch.device | str = "cpu") -> Iterator[CoreWorkers]:
         if pool is not None:
             pool.shutdown(wait=True)
             torch.set_num_threads(threads)
+        stack.close()
