@@ -10,7 +10,9 @@ f83d5dc on an AVX2 machine when it gained its tolerance. Of its 48 files, the 33
 values kept their hashes; the 15 with float values (the probseg maps and sidecars, the group
 table) differ from the AVX-512 run in the last bits only. MKL's SSE4.2 kernels with ATen's
 default ones (``MKL_ENABLE_INSTRUCTIONS=SSE4_2 ATEN_CPU_CAPABILITY=default``) move them by at most
-1.5e-5 relative.
+1.5e-5 relative. Since 2946ce1 AMD CPUs score with numpy's OpenBLAS (core/scoring/blas.py): on that
+AVX2 machine the same 15 files moved by at most 6.7e-6 in a map (1e-7 relative in the table),
+and ``CG3D_CPU_BLAS=torch`` reproduced all 48 files bit for bit.
 """
 
 from __future__ import annotations
