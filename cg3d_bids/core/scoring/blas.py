@@ -1,13 +1,13 @@
 """Which BLAS library runs the CPU distance GEMMs, and keeping it single-threaded while it does.
 
 Two libraries are at hand in every install: torch's (MKL in torch's x86 wheels) and numpy's
-(OpenBLAS in numpy's wheels). MKL is tuned for Intel CPUs; on AMD ones OpenBLAS's AVX2
-(Haswell) kernels run the scoring GEMMs faster. Measured on a 2-core AMD EPYC (Zen 3, AVX2), one thread, the
-tile shapes of :mod:`.tiles` (K = 386): OpenBLAS 85-90 GFLOP/s against 55-75 for MKL; a
+(OpenBLAS in numpy's wheels). MKL is tuned for Intel CPUs; on AMD ones OpenBLAS's AVX2 (Haswell)
+kernels run the scoring GEMMs faster. Measured on a 2-core AMD EPYC (Zen 3, AVX2), one thread,
+the tile shapes of :mod:`.tiles` (K = 386): OpenBLAS 85-90 GFLOP/s against 55-75 for MKL; a
 B = 32 scoring call took 14-18 % less time (medians of 4 alternated rounds, two comparisons;
-``benchmarks/bench_scoring.py --blas numpy,torch``). So the default
-(:func:`cpu_blas`) is numpy's BLAS on AMD x86 CPUs when it is OpenBLAS, torch's everywhere
-else (on Intel, MKL's speed was measured by earlier stops; OpenBLAS's was not).
+``benchmarks/bench_scoring.py --blas numpy,torch``). So the default (:func:`cpu_blas`) is
+numpy's BLAS on AMD x86 CPUs when it is OpenBLAS, torch's everywhere else (on Intel, MKL's
+speed was measured by earlier stops; OpenBLAS's was not).
 ``CG3D_CPU_BLAS=numpy`` or ``=torch`` overrides the choice.
 
 Determinism. Each GEMM runs on one thread (the workers of :mod:`.workers` run the jobs in

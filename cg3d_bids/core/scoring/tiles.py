@@ -18,7 +18,7 @@ single-threaded job of :mod:`.workers`.
 
 BLAS library (:mod:`.blas`). With torch's (MKL; the default except on AMD CPUs) a GEMM's
 elements do not depend on its shape (tested), so the tile shape is a speed setting only. With
-numpy's OpenBLAS (the default on AMD CPUs, 18 % faster there) the last bits of an element
+numpy's OpenBLAS (the default on AMD CPUs: 14-18 % less time there) the last bits of an element
 depend on the GEMM's shape, so every GEMM is one row block against ONE reference image
 (``TileShape.cols == 0``; OpenBLAS runs narrow GEMMs as fast as wide ones, measured): a pair's
 GEMM then has the same shape in a full run, in a shard and in :mod:`.reference`'s per-image
