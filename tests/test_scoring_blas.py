@@ -35,6 +35,9 @@ def test_the_choice_follows_the_vendor_and_the_override(monkeypatch):
     with pytest.raises(ValueError, match="CG3D_CPU_BLAS='openblas'.*'numpy' or 'torch'"):
         blas.cpu_blas()
     assert blas.gemm_library("cuda") == "torch"
+    assert blas.gemm_description("cuda:1") == "cuda:1"
+    monkeypatch.setenv(blas.CPU_BLAS_ENV, "numpy")
+    assert blas.gemm_description("cpu") == "cpu, numpy's BLAS"
 
 
 def test_this_install_has_what_the_choice_reads():

@@ -176,6 +176,7 @@ def reference_score(ctx: StageContext, tokens: list[Ref[ImageTokens]], prepared:
 def _score(ctx: StageContext, entry: Any, refs: list[Ref[ImageTokens]], selves: list[int | None],
            key: str) -> BatchScores:
     """Scores of the images of ``refs`` (``selves``: the bank index of each, if it is in the bank)."""
+    from ..core.scoring.blas import gemm_description
     from ..core.scoring.reference import ReferenceQuery, reference_scores
 
     limit_threads()
@@ -202,8 +203,9 @@ def _score(ctx: StageContext, entry: Any, refs: list[Ref[ImageTokens]], selves: 
                                     block_mb=execution.score_chunk_mb)
             for offset, row in enumerate(rows):
                 per_layer[layer, g0 + offset] = row
-            LOGGER.info("[reference %s] layer %d/%d: %d image(s) against %d bank images in %.1f s", entry.modality,
-                        layer + 1, len(entry.layers), len(group), entry.size, time.monotonic() - tl)
+            LOGGER.info("[reference %s] layer %d/%d: %d image(s) against %d bank images in %.1f s (%s)",
+                        entry.modality, layer + 1, len(entry.layers), len(group), entry.size,
+                        time.monotonic() - tl, gemm_description(execution.device))
         for offset, item in enumerate(group):
             valid[g0 + offset] = item.valid
             names.append(item.bids_name)

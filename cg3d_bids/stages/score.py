@@ -71,6 +71,7 @@ def _load_batch(batch: list[Ref[ImageTokens]]) -> tuple[tuple[str, ...], np.ndar
 def _score(ctx: StageContext, members: list[Ref[ImageTokens]], modality: str, key: str,
            batch: int) -> BatchScores:
     from ..core.scoring import codegraph_scores, mutual_scores
+    from ..core.scoring.blas import gemm_description
 
     limit_threads()
     settings, execution = ctx.settings, ctx.settings.execution
@@ -92,8 +93,8 @@ def _score(ctx: StageContext, members: list[Ref[ImageTokens]], modality: str, ke
             scores = mutual_scores(tokens[layer], valid, fraction=settings.method.fraction,
                                    device=execution.device, block_mb=execution.score_chunk_mb)
         per_layer[layer] = np.asarray(scores, dtype=np.float32)
-        LOGGER.info("[scores %s] layer %d/%d: %d images in %.1f s", modality, layer + 1, tokens.shape[0],
-                    len(members), time.monotonic() - tl)
+        LOGGER.info("[scores %s] layer %d/%d: %d images in %.1f s (%s)", modality, layer + 1, tokens.shape[0],
+                    len(members), time.monotonic() - tl, gemm_description(execution.device))
     return batch_scores(modality, key, batch, names, valid, per_layer, suspicious, communities,
                         settings.method.fraction, {"scoring_s": time.monotonic() - t0})
 

@@ -76,6 +76,12 @@ def gemm_library(device: torch.device | str) -> str:
     return cpu_blas() if torch.device(device).type == "cpu" else "torch"
 
 
+def gemm_description(device: torch.device | str) -> str:
+    """Where the distance GEMMs run, for the logs: ``"cpu, numpy's BLAS"``, ``"cuda:0"``, ..."""
+    library = gemm_library(device)
+    return f"cpu, {library}'s BLAS" if torch.device(device).type == "cpu" else str(device)
+
+
 @functools.cache
 def _controller():
     from threadpoolctl import ThreadpoolController  # finds numpy's BLAS once (~20 ms)
