@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from nipype.pipeline import engine as pe
@@ -54,3 +58,53 @@ def test_unsupported_parameter_types_are_refused():
 
     with pytest.raises(TypeError, match="unsupported type"):
         iface.stage_interface(bad, "BadInterface")
+
+
+def test_every_node_runs_with_its_planned_thread_count(monkeypatch):
+    """``n`` threads, or the process's OMP_NUM_THREADS, then the caller's count again."""
+    _threads = iface._threads
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")
+        with _threads(0):
+            assert torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 2 and os.environ["OMP_NUM_THREADS"] == "1"
+        with _threads(3):
+            assert torch.get_num_threads() == 3 and os.environ["OMP_NUM_THREADS"] == "3"
+        assert torch.get_num_threads() == 2 and os.environ["OMP_NUM_THREADS"] == "1"
+    finally:
+        torch.set_num_threads(before)
+
+
+FORKED_NODE = r"""
+import os, sys, time
+import torch
+from cg3d_bids.interfaces.stage import _threads
+
+volume = torch.rand(1, 1, 40, 40, 40)
+torch.set_num_threads(2)
+torch.nn.functional.interpolate(volume, size=(96, 96, 96), mode="trilinear")  # an OpenMP team
+os.environ["OMP_NUM_THREADS"] = "1"  # what cg3d sets for its workers on 2 CPUs with --nprocs 2
+pid = os.fork()
+if pid == 0:  # a MultiProc worker running a node that does not set threads itself (outputs)
+    with _threads(0):
+        torch.nn.functional.interpolate(volume, size=(96, 96, 96), mode="trilinear")
+    os._exit(0)
+deadline = time.monotonic() + 30
+while time.monotonic() < deadline:
+    done, status = os.waitpid(pid, os.WNOHANG)
+    if done:
+        sys.exit(os.waitstatus_to_exitcode(status))
+    time.sleep(0.05)
+os.kill(pid, 9)
+sys.exit("the forked node hung")
+"""
+
+
+@pytest.mark.slow  # a subprocess that imports torch and forks (a few seconds; 30 s if it hangs)
+def test_a_node_in_a_worker_forked_from_a_multithreaded_process_does_not_hang():
+    """GNU OpenMP hangs in a forked child's first multi-threaded region when the parent had a
+    thread team (cg3d run from Python, as the tests do); the node's own thread count avoids it."""
+    out = subprocess.run([sys.executable, "-c", FORKED_NODE], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]

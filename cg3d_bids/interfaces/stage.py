@@ -195,23 +195,34 @@ def run_stage(func: Callable, ctx: StageContext, **inputs: Any) -> Any:
 
 @contextlib.contextmanager
 def _threads(n: int) -> Iterator[None]:
-    """``OMP_NUM_THREADS`` (read by the stages' ``limit_threads``) set to ``n`` for one node, then
-    restored with torch's thread count: MultiProc workers run many nodes one after another."""
-    if n <= 0:
-        yield
-        return
-    import torch
+    """The node's torch thread count: ``n``, or (``n`` 0) the process's ``OMP_NUM_THREADS``; both
+    restored afterwards (MultiProc workers run many nodes one after another).
 
-    before, threads = os.environ.get("OMP_NUM_THREADS"), torch.get_num_threads()
-    os.environ["OMP_NUM_THREADS"] = str(n)
+    ``OMP_NUM_THREADS`` is also what the stages' ``limit_threads`` reads. Setting torch's count
+    here, for every node, matters in a worker forked from a process that already ran
+    multi-threaded torch code (cg3d called from Python, as the tests do): the worker inherits
+    that thread count, and GNU OpenMP hangs in a forked child's first multi-threaded region when
+    the parent had a thread team (measured: a trilinear ``interpolate``). One thread never
+    starts a team. torch is left alone when no stage has imported it yet: it reads
+    ``OMP_NUM_THREADS`` when it starts.
+    """
+    before_env = os.environ.get("OMP_NUM_THREADS")
+    if n > 0:
+        os.environ["OMP_NUM_THREADS"] = str(n)
+    count = int(os.environ.get("OMP_NUM_THREADS", "0") or 0)
+    torch = sys.modules.get("torch")
+    before = torch.get_num_threads() if torch is not None else 0
+    if torch is not None and count > 0 and count != before:
+        torch.set_num_threads(count)
     try:
         yield
     finally:
-        if before is None:
+        if before_env is None:
             os.environ.pop("OMP_NUM_THREADS", None)
         else:
-            os.environ["OMP_NUM_THREADS"] = before
-        torch.set_num_threads(threads)
+            os.environ["OMP_NUM_THREADS"] = before_env
+        if torch is not None and torch.get_num_threads() != before:
+            torch.set_num_threads(before)
 
 
 # ------------------------------------------------------------------------------------------------
