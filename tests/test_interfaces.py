@@ -73,6 +73,10 @@ def test_every_node_runs_with_its_planned_thread_count(monkeypatch):
         with _threads(3):
             assert torch.get_num_threads() == 3 and os.environ["OMP_NUM_THREADS"] == "3"
         assert torch.get_num_threads() == 2 and os.environ["OMP_NUM_THREADS"] == "1"
+        for value, expected in [("3,1", 3), ("auto", 2)]:  # nested levels; not a number: untouched
+            monkeypatch.setenv("OMP_NUM_THREADS", value)
+            with _threads(0):
+                assert torch.get_num_threads() == expected
     finally:
         torch.set_num_threads(before)
 

@@ -209,7 +209,10 @@ def _threads(n: int) -> Iterator[None]:
     before_env = os.environ.get("OMP_NUM_THREADS")
     if n > 0:
         os.environ["OMP_NUM_THREADS"] = str(n)
-    count = int(os.environ.get("OMP_NUM_THREADS", "0") or 0)
+    try:  # a list ("4,2": nested levels) gives its first level; anything else, no setting
+        count = int(os.environ.get("OMP_NUM_THREADS", "").split(",")[0] or 0)
+    except ValueError:
+        count = 0
     torch = sys.modules.get("torch")
     before = torch.get_num_threads() if torch is not None else 0
     if torch is not None and count > 0 and count != before:
