@@ -98,20 +98,15 @@ def tile_shape(max_count: int, block_mb: float | None = None, *, chunk_size: int
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     max_count = max(1, int(max_count))
     floats = int(mb * 2**20 // 4)
-    library = gemm_library(device) if library is None else library
-    if library == "numpy":  # one reference image per GEMM (module docstring)
-        rows = CPU_TILE_ROWS if chunk_size is None else int(chunk_size)
-        if chunk_size is None:
-            rows = max(1, min(rows, floats // max_count))
-        return TileShape(min(rows, max_count), 0)
     if torch.device(device).type == "cuda":
         rows = max_count if chunk_size is None else int(chunk_size)
         return TileShape(rows, max(max_count, floats // rows))
+    one_image = (gemm_library(device) if library is None else library) == "numpy"
     rows = CPU_TILE_ROWS if chunk_size is None else int(chunk_size)
-    cols = max(max_count, min(CPU_TILE_COLS, floats // rows))
+    cols = max_count if one_image else max(max_count, min(CPU_TILE_COLS, floats // rows))
     if chunk_size is None:
         rows = max(1, min(rows, floats // cols))
-    return TileShape(min(rows, max_count), cols)
+    return TileShape(min(rows, max_count), 0 if one_image else cols)  # 0: one image per GEMM
 
 
 def row_blocks(n_rows: int, rows: int) -> list[tuple[int, int]]:
